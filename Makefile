@@ -1,0 +1,33 @@
+# Everything a fresh machine needs: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py constraints-cpu.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel on local disk.
+	$(PY) -m pip install -q -c constraints-cpu.txt torch
+	# megatron-core 0.19.2 declares Python>=3.12 but its cp311 wheel runs on 3.11.
+	$(PY) -m pip install -q -c constraints-cpu.txt --no-deps --ignore-requires-python megatron-core
+	$(PY) -m pip install -q -c constraints-cpu.txt numpy "packaging>=24.2"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints-cpu.txt -e ".[deepspeed,triton,wandb,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m capaware_megatron.demo
+
+bench: setup
+	$(PY) -m capaware_megatron.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,119 @@
+"""CapacityConfig: every knob of the capacity-aware routing plan, validated at the boundary.
+
+The same dataclass is built from Megatron-LM arguments, from a TransformerConfig and from the
+DeepSpeed config JSON; each of those converters lives in its framework's subpackage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal, Optional, get_args
+
+Policy = Literal["none", "drop", "reroute", "expanded"]
+Priority = Literal["score", "position", "reverse", "random"]
+Scope = Literal["local", "device", "global"]
+Backend = Literal["auto", "torch", "triton"]
+
+POLICIES: tuple[str, ...] = get_args(Policy)
+PRIORITIES: tuple[str, ...] = get_args(Priority)
+SCOPES: tuple[str, ...] = get_args(Scope)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+
+
+@dataclass(frozen=True)
+class CapacityConfig:
+    """How the routing plan caps expert load (arXiv 2503.05066).
+
+    Capacity C = max(ceil(T * k / E * capacity_factor), min_capacity), computed with the same
+    formula as Megatron-Core's ``get_capacity`` so that ``scope="local"`` drop equals its
+    ``moe_token_drop_policy="probs"`` drop.
+    """
+
+    capacity_factor: Optional[float] = None
+    """gamma. None means dropless: the plan is the identity."""
+
+    policy: Policy = "drop"
+    """none: pass-through; drop: keep each expert's top-C assignments; reroute: overflow moves to
+    the token's next-best expert with room; expanded: candidates are top-k plus the experts hosted
+    on the token's own device, each expert keeps its top-C candidates."""
+
+    priority: Priority = "score"
+    """Which assignments an over-full expert keeps: score (router probability), position (earliest
+    tokens), reverse (latest tokens), random (seeded hash, reproducible)."""
+
+    scope: Scope = "local"
+    """local: T is this rank's tokens, per-expert cap; device: per-EP-rank cap on the sum of its
+    experts' loads (m * gamma * Nbar); global: T is the whole group's tokens and the plan equals the
+    single-process plan of the gathered batch."""
+
+    min_capacity: int = 0
+    """Decode guard: when T * k / E < min_capacity nothing is dropped, and C is never below it."""
+
+    renormalize: bool = False
+    """Rescale each token's kept weights to the sum its original top-k weights had."""
+
+    apply_in_training: bool = False
+    """Capacity applies in eval/inference; True applies it in training too."""
+
+    seed: int = 0
+    """Seed of priority="random"."""
+
+    backend: Backend = "auto"
+    """auto: Triton for CUDA tensors when triton is installed, else torch."""
+
+    def __post_init__(self) -> None:
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("priority", self.priority, PRIORITIES)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("backend", self.backend, BACKENDS)
+        if self.capacity_factor is not None:
+            if isinstance(self.capacity_factor, bool) or not isinstance(
+                self.capacity_factor, (int, float)
+            ):
+                raise TypeError(
+                    f"capacity_factor must be a positive number or None, "
+                    f"got {self.capacity_factor!r}"
+                )
+            if not math.isfinite(self.capacity_factor) or self.capacity_factor <= 0:
+                raise ValueError(
+                    f"capacity_factor must be > 0 (or None for dropless), "
+                    f"got {self.capacity_factor!r}"
+                )
+            if self.policy == "none":
+                raise ValueError(
+                    f"capacity_factor={self.capacity_factor} has no effect with policy='none': "
+                    "use policy 'drop', 'reroute' or 'expanded', or capacity_factor=None"
+                )
+        for name in ("min_capacity", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        for name in ("renormalize", "apply_in_training"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def is_dropless(self) -> bool:
+        """True when the plan is the identity whatever the routing."""
+        return self.policy == "none" or self.capacity_factor is None
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def expert_capacity(
+    num_tokens: int, topk: int, num_experts: int, capacity_factor: float, min_capacity: int = 0
+) -> int:
+    """C = max(ceil(T * k / E * gamma), min_capacity), Megatron-Core's formula and float order."""
+    return max(math.ceil((num_tokens * topk / num_experts) * capacity_factor), min_capacity)

@@ -1,0 +1,75 @@
+"""The group a global-scope plan spans, as the planner sees it: one gather primitive.
+
+The core never looks up a process group; the framework plugins build a RoutingGroup from the group
+they were given (Megatron's pg_collection.ep / tp_ep, DeepSpeed's expert-parallel group) and pass
+it in. Only small tensors travel through it: token counts, per-expert top-C priority keys and the
+overflow rows of rerouting, never hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+GatherFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RoutingGroup:
+    """This rank's place in the group.
+
+    Attributes:
+        rank: this rank's index in the group (its tokens follow those of ranks 0..rank-1).
+        world_size: number of ranks.
+        all_gather: takes a tensor of the same shape and dtype on every rank and returns them
+            stacked, ``[world_size, *shape]``, in rank order.
+    """
+
+    rank: int
+    world_size: int
+    all_gather: GatherFn
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(
+                f"RoutingGroup needs 0 <= rank < world_size, got rank={self.rank}, "
+                f"world_size={self.world_size}"
+            )
+
+    @classmethod
+    def single(cls) -> "RoutingGroup":
+        """A group of one: the global plan equals the local one."""
+        return cls(rank=0, world_size=1, all_gather=lambda t: t.unsqueeze(0))
+
+    @classmethod
+    def from_process_group(cls, process_group: Any = None) -> "RoutingGroup":
+        """Wrap a torch.distributed process group (None: the default group)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("RoutingGroup.from_process_group needs torch.distributed initialised")
+        world_size = dist.get_world_size(process_group)
+
+        def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+            # Backends differ in bool support (gloo has none): bools travel as uint8.
+            wire = tensor.contiguous().to(torch.uint8) if tensor.dtype == torch.bool else tensor
+            parts = [torch.empty_like(wire) for _ in range(world_size)]
+            dist.all_gather(parts, wire.contiguous(), group=process_group)
+            return torch.stack(parts).to(tensor.dtype)
+
+        return cls(dist.get_rank(process_group), world_size, all_gather)
+
+    def gather_padded(self, tensor: torch.Tensor, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather tensors whose first dimension differs across ranks.
+
+        Returns ``[world_size, max_len, *rest]`` padded with ``fill`` and the ``[world_size]``
+        lengths. Two collectives (lengths, then data): uneven gathers are not portable (gloo).
+        """
+        length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+        lengths = self.all_gather(length).view(-1)
+        max_len = int(lengths.max())
+        padded = tensor.new_full((max_len, *tensor.shape[1:]), fill)
+        padded[: tensor.shape[0]] = tensor
+        return self.all_gather(padded), lengths

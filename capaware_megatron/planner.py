@@ -1,0 +1,454 @@
+"""The capacity-aware routing plan (torch reference implementation, the CPU path).
+
+Notation: T tokens on this rank, E experts, k experts per token (the router's top-k), B capacity
+bins (an expert each for scopes local/global, an expert-parallel rank each for scope device), m
+experts per bin, C a bin's capacity, W ranks in the group (global scope).
+
+Pipeline:
+    keys      [T, E] int64   priority of every candidate assignment (priority.py)
+    threshold [B]    int64   the C-th largest key of each bin (group-wide in global scope)
+    keep      [T, E] bool    candidate & key >= threshold[bin]  -> exactly min(C, load) per bin
+    reroute   overflow -> next-best experts with room, exact serial order, vectorised in rounds
+    probs     [T, E]         kept originals keep the router weight, new ones take the score
+
+Keys are unique, so a threshold keeps exactly the top-C candidates of a bin and a distributed
+caller needs only the per-bin top-C keys of every rank to reproduce the single-process plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .config import CapacityConfig, expert_capacity
+from .group import RoutingGroup
+from .priority import NOT_ROUTED, assignment_keys
+
+ExpertSet = Union[Sequence[int], torch.Tensor]
+
+__all__ = ["RoutingPlan", "plan_routing"]
+
+
+@dataclass
+class RoutingPlan:
+    """What reaches each expert after the capacity plan.
+
+    Attributes:
+        routing_map: [T, E] bool, kept and rerouted assignments.
+        probs: [T, E] combine weights, 0 exactly where routing_map is False.
+        capacity: C of one bin (an expert; an EP rank for scope "device"). T (or the group's token
+            count) when nothing is capped: dropless, decode guard or training.
+        tokens_per_expert_before: [E] int64, assignments per expert in the router's map.
+        tokens_per_expert_after: [E] int64, assignments per expert in the plan.
+        num_dropped: 0-dim int64, router assignments that lost their expert and found no other.
+        num_rerouted: 0-dim int64, plan assignments outside the router's map (reroute, expanded).
+    """
+
+    routing_map: torch.Tensor
+    probs: torch.Tensor
+    capacity: int
+    tokens_per_expert_before: torch.Tensor
+    tokens_per_expert_after: torch.Tensor
+    num_dropped: torch.Tensor
+    num_rerouted: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Bins:
+    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m."""
+
+    expert_to_bin: torch.Tensor
+    num_bins: int
+    experts_per_bin: int
+
+
+def plan_routing(
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    cfg: CapacityConfig,
+    *,
+    local_experts: Optional[ExpertSet] = None,
+    expert_to_rank: Optional[ExpertSet] = None,
+    probs: Optional[torch.Tensor] = None,
+    topk: Optional[int] = None,
+    group: Optional[RoutingGroup] = None,
+    training: bool = False,
+    validate: bool = True,
+) -> RoutingPlan:
+    """Cap every expert's (or EP rank's) load and decide what is kept, dropped or moved.
+
+    Args:
+        scores: [T, E] full router probabilities (softmax over all experts), fp32/bf16/fp16.
+        routing_map: [T, E] bool, the router's top-k choice.
+        cfg: the capacity configuration.
+        local_experts: experts hosted on this rank (indices or a [E] bool mask); policy expanded.
+        expert_to_rank: [E] EP rank hosting each expert; scope device.
+        probs: [T, E] the router's combine weights for routing_map (default scores * routing_map);
+            kept assignments keep them, rerouted ones take ``scores``.
+        topk: k; inferred from routing_map (a host sync) when None.
+        group: the ranks a global-scope plan spans; None is a group of one.
+        training: the module's mode; capacity applies in training only with apply_in_training.
+        validate: check values too (NaN, uniform k, index ranges); shape and dtype checks always run.
+
+    Returns:
+        RoutingPlan.
+    """
+    num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
+    if probs is None:
+        probs = scores * routing_map
+    tokens_before = routing_map.sum(0, dtype=torch.int64)
+
+    global_group = _check_group(cfg, group)
+    bins = _bins(cfg, expert_to_rank, num_experts, scores.device)
+    local_mask = _local_mask(cfg, local_experts, num_experts, scores.device, validate)
+
+    token_offset, group_tokens = 0, num_tokens
+    if global_group is not None:
+        counts = global_group.all_gather(torch.tensor([num_tokens], device=scores.device)).view(-1)
+        token_offset = int(counts[: global_group.rank].sum())
+        group_tokens = int(counts.sum())
+
+    capped = not cfg.is_dropless and (cfg.apply_in_training or not training)
+    # Decode guard: a step whose mean load is below min_capacity is never capped.
+    if not capped or group_tokens * topk < cfg.min_capacity * num_experts or group_tokens == 0:
+        return _identity_plan(routing_map, probs, group_tokens, tokens_before)
+
+    capacity = expert_capacity(
+        group_tokens,
+        topk,
+        bins.num_bins,
+        cfg.capacity_factor,
+        cfg.min_capacity * bins.experts_per_bin,
+    )
+    candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
+    keys = assignment_keys(scores, candidates, cfg.priority, cfg.seed, token_offset)
+    thresholds = _bin_thresholds(keys, bins, capacity, global_group)
+    keep = candidates & (keys >= thresholds[bins.expert_to_bin])
+
+    if cfg.policy == "reroute":
+        rerouted = _reroute(
+            scores, routing_map, keep, keys, bins, capacity, global_group, token_offset
+        )
+        new_map = keep | rerouted
+    else:
+        new_map = keep
+    added = new_map & ~routing_map
+    new_probs = torch.where(
+        routing_map, probs, scores.to(probs.dtype)
+    ).masked_fill(~new_map, 0)
+    if cfg.renormalize:
+        new_probs = _renormalize(new_probs, probs)
+    num_rerouted = added.sum(dtype=torch.int64)
+    lost = (routing_map & ~new_map).sum(dtype=torch.int64)
+    return RoutingPlan(
+        routing_map=new_map,
+        probs=new_probs,
+        capacity=capacity,
+        tokens_per_expert_before=tokens_before,
+        tokens_per_expert_after=new_map.sum(0, dtype=torch.int64),
+        num_dropped=lost - num_rerouted if cfg.policy == "reroute" else lost,
+        num_rerouted=num_rerouted,
+    )
+
+
+def _identity_plan(
+    routing_map: torch.Tensor, probs: torch.Tensor, capacity: int, tokens_before: torch.Tensor
+) -> RoutingPlan:
+    zero = torch.zeros((), dtype=torch.int64, device=routing_map.device)
+    return RoutingPlan(
+        routing_map=routing_map,
+        probs=probs.masked_fill(~routing_map, 0),
+        capacity=capacity,
+        tokens_per_expert_before=tokens_before,
+        tokens_per_expert_after=tokens_before.clone(),
+        num_dropped=zero,
+        num_rerouted=zero.clone(),
+    )
+
+
+def _renormalize(new_probs: torch.Tensor, old_probs: torch.Tensor) -> torch.Tensor:
+    """Scale each token's kept weights so they sum to what its router weights summed to."""
+    old_sum = old_probs.float().sum(1, keepdim=True)
+    new_sum = new_probs.float().sum(1, keepdim=True)
+    scale = torch.where(new_sum > 0, old_sum / new_sum.clamp_min(torch.finfo(torch.float32).tiny), 0)
+    return (new_probs.float() * scale).to(new_probs.dtype)
+
+
+# ----------------------------------------------------------------------------------- thresholds
+
+
+def _bin_major(values: torch.Tensor, bins: _Bins) -> torch.Tensor:
+    """[T, E] -> [B, T * m]: every bin's entries in one row."""
+    order = torch.argsort(bins.expert_to_bin, stable=True)
+    num_tokens = values.shape[0]
+    grouped = values[:, order].view(num_tokens, bins.num_bins, bins.experts_per_bin)
+    return grouped.permute(1, 0, 2).reshape(bins.num_bins, -1)
+
+
+def _top_keys(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, L] -> [B, count]: each row's largest keys, descending, padded with NOT_ROUTED."""
+    top = torch.topk(rows, min(count, rows.shape[1]), dim=1, sorted=True).values
+    return torch.nn.functional.pad(top, (0, count - top.shape[1]), value=NOT_ROUTED)
+
+
+def _bin_thresholds(
+    keys: torch.Tensor, bins: _Bins, capacity: int, group: Optional[RoutingGroup]
+) -> torch.Tensor:
+    """[B] int64: the capacity-th largest key of each bin (NOT_ROUTED when it has fewer).
+
+    In global scope the group-wide top-C of a bin lies within the union of every rank's own
+    top-C, so one gather of [B, C] keys per rank gives the exact threshold.
+    """
+    top = _top_keys(_bin_major(keys, bins), capacity)
+    if group is not None:
+        gathered = group.all_gather(top)  # [W, B, C]
+        top = _top_keys(gathered.permute(1, 0, 2).reshape(bins.num_bins, -1), capacity)
+    return top[:, capacity - 1]
+
+
+# ------------------------------------------------------------------------------------- reroute
+
+
+def _reroute(
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    keep: torch.Tensor,
+    keys: torch.Tensor,
+    bins: _Bins,
+    capacity: int,
+    group: Optional[RoutingGroup],
+    token_offset: int,
+) -> torch.Tensor:
+    """[T, E] bool: the new assignments of the overflow (router assignments not kept).
+
+    Serial semantics, exact: overflow assignments are taken in priority order (highest key
+    first); each moves to its token's best-scored expert (ties: lower index) whose bin still has
+    room and that the token does not use yet; with no such expert it is dropped. With a group
+    (global scope) room is group-wide and the overflow of all ranks is placed together,
+    identically on every rank.
+    """
+    overflow = routing_map & ~keep
+    token_idx, _ = overflow.nonzero(as_tuple=True)
+    item_keys = keys[overflow]
+    rows = scores[token_idx].float()
+    used = routing_map[token_idx]
+    token_id = token_idx + token_offset
+    kept_per_bin = torch.zeros(bins.num_bins, dtype=torch.int64, device=keys.device)
+    kept_per_bin.index_add_(0, bins.expert_to_bin, keep.sum(0, dtype=torch.int64))
+    mine = slice(0, token_idx.shape[0])
+    if group is not None and group.world_size > 1:
+        kept_per_bin = group.all_gather(kept_per_bin).sum(0)
+        all_keys, lengths = group.gather_padded(item_keys, NOT_ROUTED)
+        valid = all_keys != NOT_ROUTED
+        item_keys = all_keys[valid]
+        rows = group.gather_padded(rows, 0.0)[0][valid]
+        used = group.gather_padded(used, False)[0][valid]
+        token_id = group.gather_padded(token_id, -1)[0][valid]
+        first = int(lengths[: group.rank].sum())
+        mine = slice(first, first + token_idx.shape[0])
+    choice = _place_overflow(
+        item_keys, rows, used, token_id, capacity - kept_per_bin, bins.expert_to_bin
+    )[mine]
+    rerouted = torch.zeros_like(routing_map)
+    placed = choice >= 0
+    rerouted[token_idx[placed], choice[placed]] = True
+    return rerouted
+
+
+def _place_overflow(
+    item_keys: torch.Tensor,
+    rows: torch.Tensor,
+    used: torch.Tensor,
+    token_id: torch.Tensor,
+    room: torch.Tensor,
+    expert_to_bin: torch.Tensor,
+) -> torch.Tensor:
+    """Serial greedy placement, computed in at most B + 1 vectorised rounds.
+
+    Args:
+        item_keys: [M] int64 priority of each overflow assignment.
+        rows: [M, E] fp32 scores of each item's token.
+        used: [M, E] bool, experts each item's token already uses (its router top-k).
+        token_id: [M] int64, equal for items of the same token.
+        room: [B] int64 free slots per bin.
+        expert_to_bin: [E] int64.
+
+    Returns:
+        [M] int64, the chosen expert or -1 (dropped).
+
+    Each round, every pending item that would be the j-th of its token still pending takes the
+    j-th best free expert of its token. Walking pending items by key, the choices are exactly the
+    serial ones until the first item whose bin runs out of room; that prefix is committed and its
+    bin is then full, so every round fills a bin or ends the work.
+    """
+    num_items = item_keys.shape[0]
+    device = item_keys.device
+    choice = torch.full((num_items,), -1, dtype=torch.int64, device=device)
+    if num_items == 0:
+        return choice
+    room = room.clone()
+    order = torch.argsort(item_keys, descending=True)
+    # The serial order: pending items sorted by key, highest first.
+    pending = order
+    _, token_slot = torch.unique(token_id, return_inverse=True)
+    token_used = torch.zeros(int(token_slot.max()) + 1, used.shape[1], dtype=torch.bool, device=device)
+    token_used[token_slot] = used
+    preference = torch.sort(rows, dim=1, descending=True, stable=True).indices  # [M, E]
+    while pending.numel() > 0:
+        slot = token_slot[pending]
+        free = (room[expert_to_bin] > 0).unsqueeze(0) & ~token_used[slot]  # [P, E]
+        free_in_pref = torch.gather(free, 1, preference[pending])
+        rank_in_token = _rank_within_group(slot)
+        running = free_in_pref.long().cumsum(1)
+        has_choice = running[:, -1] > rank_in_token
+        position = (running <= rank_in_token.unsqueeze(1)).sum(1).clamp_max(free.shape[1] - 1)
+        expert = torch.gather(preference[pending], 1, position.unsqueeze(1)).squeeze(1)
+        bin_of = expert_to_bin[expert]
+        # Running count of choices per bin, in serial order (items without a choice take none).
+        one_hot = torch.nn.functional.one_hot(bin_of, room.shape[0]) * has_choice.unsqueeze(1)
+        fits = (one_hot.cumsum(0) * one_hot).sum(1) <= room[bin_of]
+        bad = has_choice & ~fits
+        cut = int(bad.nonzero()[0]) if bool(bad.any()) else pending.shape[0]
+        commit = has_choice.clone()
+        commit[cut:] = False
+        choice[pending[commit]] = expert[commit]
+        room -= torch.bincount(bin_of[commit], minlength=room.shape[0])
+        token_used[slot[commit], expert[commit]] = True
+        # Items without any free expert now never find one later (room and choice only shrink).
+        pending = pending[~commit & has_choice]
+    return choice
+
+
+def _rank_within_group(group_ids: torch.Tensor) -> torch.Tensor:
+    """[P] -> [P]: how many earlier entries share each entry's id (0 for the first)."""
+    order = torch.argsort(group_ids, stable=True)
+    sorted_ids = group_ids[order]
+    positions = torch.arange(group_ids.shape[0], device=group_ids.device)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    first = torch.cummax(torch.where(starts, positions, 0), 0).values
+    ranks = torch.empty_like(positions)
+    ranks[order] = positions - first
+    return ranks
+
+
+# -------------------------------------------------------------------------------- validation
+
+
+def _check_inputs(
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: Optional[torch.Tensor],
+    topk: Optional[int],
+    validate: bool,
+) -> tuple[int, int, int]:
+    if not isinstance(scores, torch.Tensor) or not isinstance(routing_map, torch.Tensor):
+        raise TypeError("scores and routing_map must be torch.Tensor")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [num_tokens, num_experts], got shape {tuple(scores.shape)}")
+    if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
+    if routing_map.shape != scores.shape:
+        raise ValueError(
+            f"routing_map shape {tuple(routing_map.shape)} must equal scores shape "
+            f"{tuple(scores.shape)}"
+        )
+    if routing_map.dtype != torch.bool:
+        raise TypeError(f"routing_map must be torch.bool, got {routing_map.dtype}")
+    if routing_map.device != scores.device:
+        raise ValueError(f"routing_map is on {routing_map.device}, scores on {scores.device}")
+    if probs is not None:
+        if probs.shape != scores.shape or probs.device != scores.device:
+            raise ValueError(
+                f"probs must match scores in shape and device, got {tuple(probs.shape)} on "
+                f"{probs.device}"
+            )
+        if not probs.is_floating_point():
+            raise TypeError(f"probs must be floating point, got {probs.dtype}")
+    num_tokens, num_experts = scores.shape
+    if num_experts < 1:
+        raise ValueError("scores must have at least one expert column")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int)):
+        raise TypeError(f"topk must be an int, got {topk!r}")
+    if topk is not None and not 1 <= topk <= num_experts:
+        raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
+    if validate and num_tokens > 0:
+        if bool(torch.isnan(scores).any()):
+            raise ValueError("scores contain NaN")
+        per_token = routing_map.sum(1)
+        lo, hi = int(per_token.min()), int(per_token.max())
+        if lo != hi or lo == 0 or (topk is not None and lo != topk):
+            expected = f"exactly topk={topk}" if topk is not None else "the same number (>= 1) of"
+            raise ValueError(
+                f"routing_map must select {expected} experts per token; rows select {lo}..{hi}"
+            )
+        topk = lo
+    if topk is None:
+        topk = int(routing_map[0].sum()) if num_tokens > 0 else 1
+    return num_tokens, num_experts, topk
+
+
+def _check_group(cfg: CapacityConfig, group: Optional[RoutingGroup]) -> Optional[RoutingGroup]:
+    """The group whose tokens share one plan: only scope global uses one, of two or more ranks."""
+    if group is not None and not isinstance(group, RoutingGroup):
+        raise TypeError(f"group must be a RoutingGroup, got {type(group).__name__}")
+    if cfg.scope != "global" or group is None or group.world_size == 1:
+        return None
+    return group
+
+
+def _as_index_tensor(name: str, value: ExpertSet, device: torch.device) -> torch.Tensor:
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(list(value))
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D sequence of integer indices")
+    return tensor.to(device=device, dtype=torch.int64)
+
+
+def _bins(
+    cfg: CapacityConfig,
+    expert_to_rank: Optional[ExpertSet],
+    num_experts: int,
+    device: torch.device,
+) -> _Bins:
+    if cfg.scope != "device":
+        return _Bins(torch.arange(num_experts, device=device), num_experts, 1)
+    if expert_to_rank is None:
+        raise ValueError("scope='device' needs expert_to_rank ([num_experts] EP rank of each expert)")
+    mapping = _as_index_tensor("expert_to_rank", expert_to_rank, device)
+    if mapping.numel() != num_experts:
+        raise ValueError(
+            f"expert_to_rank has {mapping.numel()} entries, expected num_experts={num_experts}"
+        )
+    num_ranks = int(mapping.max()) + 1
+    per_rank = torch.bincount(mapping.clamp_min(0), minlength=num_ranks)
+    if int(mapping.min()) < 0 or bool((per_rank != per_rank[0]).any()):
+        raise ValueError(
+            "expert_to_rank must give every EP rank 0..R-1 the same number of experts, "
+            f"got counts {per_rank.tolist()}"
+        )
+    return _Bins(mapping, num_ranks, num_experts // num_ranks)
+
+
+def _local_mask(
+    cfg: CapacityConfig,
+    local_experts: Optional[ExpertSet],
+    num_experts: int,
+    device: torch.device,
+    validate: bool,
+) -> torch.Tensor:
+    mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
+    if cfg.policy != "expanded":
+        return mask
+    if local_experts is None:
+        raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
+    if isinstance(local_experts, torch.Tensor) and local_experts.dtype == torch.bool:
+        if local_experts.shape != (num_experts,):
+            raise ValueError(f"local_experts mask must have shape [{num_experts}]")
+        return local_experts.to(device)
+    index = _as_index_tensor("local_experts", local_experts, device)
+    if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_experts):
+        raise ValueError(f"local_experts must lie in [0, {num_experts}), got {index.tolist()}")
+    mask[index] = True
+    return mask

@@ -1,0 +1,108 @@
+"""A deliberately simple planner: Python loops over tokens and experts, no shared code.
+
+It restates DESIGN.md's semantics with tuples for priorities, sorted lists for capacity and a
+literal serial loop for rerouting, so that the vectorised planners are checked against an
+implementation that is easy to read and hard to get wrong in the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lowbias32(x: int) -> int:
+    mask = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & mask
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & mask
+    return x ^ (x >> 16)
+
+
+def priority(kind: str, score: float, token: int, expert: int, num_experts: int, seed: int):
+    """Larger is kept first; ties go to the earlier token, then the lower expert."""
+    tie = (-token, -expert)
+    if kind == "score":
+        return (score, *tie)
+    if kind == "position":
+        return tie
+    if kind == "reverse":
+        return (token, -expert)
+    if kind == "random":
+        salt = (seed * 0x9E3779B9) & 0xFFFFFFFF
+        return (lowbias32((token * num_experts + expert) ^ salt), *tie)
+    raise AssertionError(kind)
+
+
+def reference_plan(
+    scores: torch.Tensor,
+    routing_map: torch.Tensor,
+    cfg,
+    local_experts=(),
+    expert_to_rank=None,
+    probs=None,
+    training: bool = False,
+):
+    """Returns (routing_map [T, E] bool, probs [T, E], capacity)."""
+    num_tokens, num_experts = scores.shape
+    score = scores.float().tolist()
+    chosen = [set(torch.nonzero(row).flatten().tolist()) for row in routing_map]
+    topk = len(chosen[0]) if num_tokens else 1
+    if probs is None:
+        probs = scores * routing_map
+    capped = cfg.policy != "none" and cfg.capacity_factor is not None
+    capped = capped and (cfg.apply_in_training or not training)
+    if not capped or num_tokens * topk < cfg.min_capacity * num_experts or num_tokens == 0:
+        return routing_map.clone(), probs * routing_map, num_tokens
+
+    if cfg.scope == "device":
+        bin_of = [int(r) for r in expert_to_rank]
+    else:
+        bin_of = list(range(num_experts))
+    num_bins = max(bin_of) + 1
+    per_bin = num_experts // num_bins
+    capacity = max(
+        math.ceil((num_tokens * topk / num_bins) * cfg.capacity_factor), cfg.min_capacity * per_bin
+    )
+
+    local = set(local_experts) if cfg.policy == "expanded" else set()
+    candidates = [
+        (t, e) for t in range(num_tokens) for e in range(num_experts) if e in chosen[t] or e in local
+    ]
+
+    def prio(t, e):
+        return priority(cfg.priority, score[t][e], t, e, num_experts, cfg.seed)
+
+    kept = set()
+    for b in range(num_bins):
+        in_bin = sorted((a for a in candidates if bin_of[a[1]] == b), key=lambda a: prio(*a))
+        kept.update(in_bin[::-1][:capacity])
+
+    rerouted = set()
+    if cfg.policy == "reroute":
+        room = [capacity - sum(1 for (_, e) in kept if bin_of[e] == b) for b in range(num_bins)]
+        overflow = sorted((a for a in candidates if a not in kept), key=lambda a: prio(*a))
+        used = [set(c) for c in chosen]
+        for t, _ in reversed(overflow):
+            free = [e for e in range(num_experts) if e not in used[t] and room[bin_of[e]] > 0]
+            if free:
+                best = min(free, key=lambda e: (-score[t][e], e))
+                used[t].add(best)
+                room[bin_of[best]] -= 1
+                rerouted.add((t, best))
+
+    new_map = torch.zeros_like(routing_map)
+    new_probs = torch.zeros_like(probs)
+    for t, e in kept | rerouted:
+        new_map[t, e] = True
+        new_probs[t, e] = probs[t, e] if e in chosen[t] else scores[t, e].to(probs.dtype)
+    if cfg.renormalize:
+        for t in range(num_tokens):
+            total = float(new_probs[t].float().sum())
+            if total > 0:
+                new_probs[t] = (new_probs[t].float() * float(probs[t].float().sum()) / total).to(
+                    probs.dtype
+                )
+    return new_map, new_probs, capacity
