@@ -83,7 +83,8 @@ def plan_routing(
         scores: [T, E] full router probabilities (softmax over all experts), fp32/bf16/fp16.
         routing_map: [T, E] bool, the router's top-k choice.
         cfg: the capacity configuration.
-        local_experts: experts hosted on this rank (indices or a [E] bool mask); policy expanded.
+        local_experts: experts hosted on this rank (indices or a [E] bool mask), or a [T, E] bool
+            mask of each token's own device's experts; policy expanded.
         expert_to_rank: [E] EP rank hosting each expert; scope device.
         probs: [T, E] the router's combine weights for routing_map (default scores * routing_map);
             kept assignments keep them, rerouted ones take ``scores``.
@@ -102,18 +103,16 @@ def plan_routing(
 
     global_group = _check_group(cfg, group)
     bins = _bins(cfg, expert_to_rank, num_experts, scores.device)
-    local_mask = _local_mask(cfg, local_experts, num_experts, scores.device, validate)
+    local_mask = _local_mask(cfg, local_experts, num_tokens, num_experts, scores.device, validate)
 
     token_offset, group_tokens = 0, num_tokens
     if global_group is not None:
-        counts = global_group.all_gather(torch.tensor([num_tokens], device=scores.device)).view(-1)
-        token_offset = int(counts[: global_group.rank].sum())
-        group_tokens = int(counts.sum())
+        token_offset, group_tokens, topk = _group_layout(global_group, num_tokens, topk, scores.device)
 
     capped = not cfg.is_dropless and (cfg.apply_in_training or not training)
     # Decode guard: a step whose mean load is below min_capacity is never capped.
     if not capped or group_tokens * topk < cfg.min_capacity * num_experts or group_tokens == 0:
-        return _identity_plan(routing_map, probs, group_tokens, tokens_before)
+        return _identity_plan(routing_map, probs, group_tokens * bins.experts_per_bin, tokens_before)
 
     capacity = expert_capacity(
         group_tokens,
@@ -151,6 +150,23 @@ def plan_routing(
         num_dropped=lost - num_rerouted if cfg.policy == "reroute" else lost,
         num_rerouted=num_rerouted,
     )
+
+
+def _group_layout(
+    group: RoutingGroup, num_tokens: int, topk: int, device: torch.device
+) -> tuple[int, int, int]:
+    """(this rank's first token index, the group's token count, the group's k): one gather.
+
+    A rank without tokens cannot infer k, so k comes from the ranks that have tokens; ranks that
+    disagree raise the same error everywhere (no rank is left waiting in a collective).
+    """
+    mine = torch.tensor([num_tokens, topk if num_tokens else 0], device=device)
+    layout = group.all_gather(mine).cpu()
+    counts, ks = layout[:, 0], layout[:, 1][layout[:, 0] > 0]
+    if ks.numel() and bool((ks != ks[0]).any()):
+        raise ValueError(f"ranks of the group route with different top-k: {ks.tolist()}")
+    group_topk = int(ks[0]) if ks.numel() else topk
+    return int(counts[: group.rank].sum()), int(counts.sum()), group_topk
 
 
 def _identity_plan(
@@ -400,7 +416,7 @@ def _check_group(cfg: CapacityConfig, group: Optional[RoutingGroup]) -> Optional
 
 
 def _as_index_tensor(name: str, value: ExpertSet, device: torch.device) -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(list(value))
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(list(value), dtype=torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.dim() != 1:
         raise TypeError(f"{name} must be a 1-D sequence of integer indices")
     return tensor.to(device=device, dtype=torch.int64)
@@ -434,18 +450,23 @@ def _bins(
 def _local_mask(
     cfg: CapacityConfig,
     local_experts: Optional[ExpertSet],
+    num_tokens: int,
     num_experts: int,
     device: torch.device,
     validate: bool,
 ) -> torch.Tensor:
+    """[E] or [T, E] bool: the experts on each token's own device (policy expanded)."""
     mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
     if cfg.policy != "expanded":
         return mask
     if local_experts is None:
         raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
     if isinstance(local_experts, torch.Tensor) and local_experts.dtype == torch.bool:
-        if local_experts.shape != (num_experts,):
-            raise ValueError(f"local_experts mask must have shape [{num_experts}]")
+        if local_experts.shape not in ((num_experts,), (num_tokens, num_experts)):
+            raise ValueError(
+                f"a local_experts mask must be [{num_experts}] or [{num_tokens}, {num_experts}], "
+                f"got {tuple(local_experts.shape)}"
+            )
         return local_experts.to(device)
     index = _as_index_tensor("local_experts", local_experts, device)
     if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_experts):

@@ -52,24 +52,31 @@ def reference_plan(
     topk = len(chosen[0]) if num_tokens else 1
     if probs is None:
         probs = scores * routing_map
-    capped = cfg.policy != "none" and cfg.capacity_factor is not None
-    capped = capped and (cfg.apply_in_training or not training)
-    if not capped or num_tokens * topk < cfg.min_capacity * num_experts or num_tokens == 0:
-        return routing_map.clone(), probs * routing_map, num_tokens
-
     if cfg.scope == "device":
         bin_of = [int(r) for r in expert_to_rank]
     else:
         bin_of = list(range(num_experts))
     num_bins = max(bin_of) + 1
     per_bin = num_experts // num_bins
+    capped = cfg.policy != "none" and cfg.capacity_factor is not None
+    capped = capped and (cfg.apply_in_training or not training)
+    if not capped or num_tokens * topk < cfg.min_capacity * num_experts or num_tokens == 0:
+        return routing_map.clone(), probs * routing_map, num_tokens * per_bin
     capacity = max(
         math.ceil((num_tokens * topk / num_bins) * cfg.capacity_factor), cfg.min_capacity * per_bin
     )
 
-    local = set(local_experts) if cfg.policy == "expanded" else set()
+    if isinstance(local_experts, torch.Tensor):  # [T, E]: each token's own device
+        local = [set(torch.nonzero(row).flatten().tolist()) for row in local_experts]
+    else:
+        local = [set(local_experts)] * num_tokens
+    if cfg.policy != "expanded":
+        local = [set()] * num_tokens
     candidates = [
-        (t, e) for t in range(num_tokens) for e in range(num_experts) if e in chosen[t] or e in local
+        (t, e)
+        for t in range(num_tokens)
+        for e in range(num_experts)
+        if e in chosen[t] or e in local[t]
     ]
 
     def prio(t, e):

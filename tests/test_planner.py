@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from reference import reference_plan
-from routing import skewed_routing
+from capaware_megatron.synthetic import skewed_routing
 
 from capaware_megatron import CapacityConfig, plan_routing
 

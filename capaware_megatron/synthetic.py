@@ -1,4 +1,4 @@
-"""Synthetic router outputs with the skew of trained MoE models, shared by the tests."""
+"""Synthetic router outputs with the skew of trained MoE models (demo, benchmarks, tests)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,130 @@
+"""Hypothesis: invariants of the plan for arbitrary routings and configurations."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capaware_megatron import CapacityConfig, plan_routing
+
+
+@st.composite
+def routings(draw):
+    num_experts = draw(st.integers(1, 12))
+    topk = draw(st.integers(1, num_experts))
+    num_tokens = draw(st.integers(0, 40))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    # Coarse logits make ties frequent: tie-breaks are part of what is tested.
+    logits = torch.randint(0, draw(st.integers(1, 6)), (num_tokens, num_experts), generator=gen)
+    bias = torch.randn(num_experts, generator=gen) * draw(st.floats(0, 4))
+    scores = (logits.float() + bias).softmax(-1)
+    top = torch.topk(scores + 1e-4 * torch.rand(scores.shape, generator=gen), topk, dim=1).indices
+    routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(1, top, True)
+    divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+    per_rank = draw(st.sampled_from(divisors))
+    expert_to_rank = [e // per_rank for e in range(num_experts)]
+    local = draw(st.sets(st.integers(0, num_experts - 1), max_size=num_experts))
+    cfg = CapacityConfig(
+        capacity_factor=draw(st.one_of(st.none(), st.floats(0.05, 3.0))),
+        policy=draw(st.sampled_from(["drop", "reroute", "expanded"])),
+        priority=draw(st.sampled_from(["score", "position", "reverse", "random"])),
+        scope=draw(st.sampled_from(["local", "device", "global"])),
+        min_capacity=draw(st.integers(0, 3)),
+        renormalize=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+    return scores, routing_map, cfg, sorted(local), expert_to_rank
+
+
+def _plan(scores, routing_map, cfg, local, expert_to_rank):
+    return plan_routing(
+        scores, routing_map, cfg, local_experts=local, expert_to_rank=expert_to_rank
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(routings())
+def test_plan_invariants(case):
+    scores, routing_map, cfg, local, expert_to_rank = case
+    plan = _plan(*case)
+    num_tokens, num_experts = scores.shape
+    new_map = plan.routing_map
+    load = new_map.sum(0)
+    assert torch.equal(load, plan.tokens_per_expert_after)
+
+    topk = int(routing_map[0].sum()) if num_tokens else 0
+    decode = num_tokens * topk < cfg.min_capacity * num_experts or num_tokens == 0
+    if cfg.capacity_factor is None or decode:  # dropless, and decode-sized steps, are the identity
+        assert torch.equal(new_map, routing_map)
+        assert torch.equal(plan.probs, scores * routing_map)
+        return
+
+    # The cap is never exceeded, per expert or per EP rank.
+    if cfg.scope == "device":
+        bins = torch.tensor(expert_to_rank)
+        per_bin = torch.zeros(int(bins.max()) + 1, dtype=torch.int64).index_add_(0, bins, load)
+        assert int(per_bin.max()) <= plan.capacity
+    else:
+        assert int(load.max()) <= plan.capacity
+
+    # Weights are zero exactly off the map.
+    assert not plan.probs[~new_map].any()
+    if not cfg.renormalize:
+        assert torch.equal(plan.probs[new_map], scores[new_map])
+    else:
+        alive = new_map.any(1)
+        torch.testing.assert_close(plan.probs.sum(1)[alive], scores.mul(routing_map).sum(1)[alive])
+
+    extra = len(local) if cfg.policy == "expanded" else 0
+    # Reroute moves assignments, never adds any: a token keeps at most k experts.
+    assert int(new_map.sum(1).max()) if num_tokens else 0 <= topk + extra
+    added = new_map & ~routing_map
+    if cfg.policy == "drop":
+        assert not added.any()
+    if cfg.policy == "expanded":
+        assert not (added & ~torch.isin(torch.arange(num_experts), torch.tensor(local, dtype=torch.long))).any()
+
+    # Dropped only under overflow: an expert (bin) within capacity keeps all its candidates.
+    candidates = routing_map.clone()
+    if cfg.policy == "expanded" and local:
+        candidates[:, local] = True
+    lost = candidates & ~new_map
+    bin_of = torch.tensor(expert_to_rank) if cfg.scope == "device" else torch.arange(num_experts)
+    demand = torch.zeros(int(bin_of.max()) + 1, dtype=torch.int64).index_add_(0, bin_of, candidates.sum(0))
+    for e in lost.any(0).nonzero().flatten().tolist():
+        assert int(demand[bin_of[e]]) > plan.capacity
+
+    assert int(plan.num_dropped) + int((routing_map & new_map).sum()) + (
+        int(plan.num_rerouted) if cfg.policy == "reroute" else 0
+    ) == int(routing_map.sum())
+
+
+@settings(max_examples=150, deadline=None)
+@given(routings())
+def test_reroute_keeps_what_drop_keeps_and_is_maximal(case):
+    scores, routing_map, cfg, local, expert_to_rank = case
+    if cfg.capacity_factor is None:
+        return
+    drop = _plan(scores, routing_map, CapacityConfig(**{**cfg.__dict__, "policy": "drop"}), local, expert_to_rank)
+    reroute = _plan(scores, routing_map, CapacityConfig(**{**cfg.__dict__, "policy": "reroute"}), local, expert_to_rank)
+    assert torch.equal(reroute.routing_map & routing_map, drop.routing_map & routing_map)
+    if int(reroute.num_dropped) == 0:
+        return
+    # Whatever stays dropped found no room: every expert its token does not use is full.
+    bin_of = torch.tensor(expert_to_rank) if cfg.scope == "device" else torch.arange(scores.shape[1])
+    load = torch.zeros(int(bin_of.max()) + 1, dtype=torch.int64).index_add_(
+        0, bin_of, reroute.routing_map.sum(0)
+    )
+    full = load[bin_of] >= reroute.capacity
+    dropped_tokens = (routing_map.sum(1) > reroute.routing_map.sum(1)).nonzero().flatten()
+    for t in dropped_tokens.tolist():
+        assert bool((full | routing_map[t] | reroute.routing_map[t]).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(routings(), st.integers(0, 2**32 - 1))
+def test_deterministic_for_a_fixed_seed(case, other_seed):
+    scores, routing_map, cfg, local, expert_to_rank = case
+    first, second = _plan(*case), _plan(*case)
+    assert torch.equal(first.routing_map, second.routing_map)
+    assert torch.equal(first.probs, second.probs)
