@@ -18,13 +18,15 @@ caller needs only the per-bin top-C keys of every rank to reproduce the single-p
 from __future__ import annotations
 
 from dataclasses import dataclass
+import sys
+from types import ModuleType
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .config import CapacityConfig, expert_capacity
 from .group import RoutingGroup
-from .priority import NOT_ROUTED, assignment_keys
+from .priority import NOT_ROUTED, assignment_keys  # noqa: F401 - the torch ops (_ops_for)
 
 ExpertSet = Union[Sequence[int], torch.Tensor]
 
@@ -62,6 +64,12 @@ class _Bins:
     expert_to_bin: torch.Tensor
     num_bins: int
     experts_per_bin: int
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """[B, m] int64: the experts of each bin."""
+        order = torch.argsort(self.expert_to_bin, stable=True)
+        return order.view(self.num_bins, self.experts_per_bin)
 
 
 def plan_routing(
@@ -122,8 +130,12 @@ def plan_routing(
         cfg.min_capacity * bins.experts_per_bin,
     )
     candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
-    keys = assignment_keys(scores, candidates, cfg.priority, cfg.seed, token_offset)
-    thresholds = _bin_thresholds(keys, bins, capacity, global_group)
+    ops = _ops_for(cfg.backend, scores)
+    keys = ops.assignment_keys(scores, candidates, cfg.priority, cfg.seed, token_offset)
+    if global_group is None:
+        thresholds = ops.bin_thresholds(keys, bins.experts, capacity)
+    else:
+        thresholds = _group_thresholds(keys, bins, capacity, global_group)
     keep = candidates & (keys >= thresholds[bins.expert_to_bin])
 
     if cfg.policy == "reroute":
@@ -195,33 +207,51 @@ def _renormalize(new_probs: torch.Tensor, old_probs: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------- thresholds
 
 
-def _bin_major(values: torch.Tensor, bins: _Bins) -> torch.Tensor:
-    """[T, E] -> [B, T * m]: every bin's entries in one row."""
-    order = torch.argsort(bins.expert_to_bin, stable=True)
-    num_tokens = values.shape[0]
-    grouped = values[:, order].view(num_tokens, bins.num_bins, bins.experts_per_bin)
-    return grouped.permute(1, 0, 2).reshape(bins.num_bins, -1)
-
-
 def _top_keys(rows: torch.Tensor, count: int) -> torch.Tensor:
     """[B, L] -> [B, count]: each row's largest keys, descending, padded with NOT_ROUTED."""
     top = torch.topk(rows, min(count, rows.shape[1]), dim=1, sorted=True).values
     return torch.nn.functional.pad(top, (0, count - top.shape[1]), value=NOT_ROUTED)
 
 
-def _bin_thresholds(
-    keys: torch.Tensor, bins: _Bins, capacity: int, group: Optional[RoutingGroup]
-) -> torch.Tensor:
+def _bin_major(keys: torch.Tensor, bin_experts: torch.Tensor) -> torch.Tensor:
+    """[T, E] -> [B, T * m]: every bin's keys in one row."""
+    return keys[:, bin_experts].permute(1, 0, 2).reshape(bin_experts.shape[0], -1)
+
+
+def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
     """[B] int64: the capacity-th largest key of each bin (NOT_ROUTED when it has fewer).
 
-    In global scope the group-wide top-C of a bin lies within the union of every rank's own
-    top-C, so one gather of [B, C] keys per rank gives the exact threshold.
+    Keys are unique, so ``key >= threshold`` keeps exactly min(capacity, load) per bin.
     """
-    top = _top_keys(_bin_major(keys, bins), capacity)
-    if group is not None:
-        gathered = group.all_gather(top)  # [W, B, C]
-        top = _top_keys(gathered.permute(1, 0, 2).reshape(bins.num_bins, -1), capacity)
-    return top[:, capacity - 1]
+    return _top_keys(_bin_major(keys, bin_experts), capacity)[:, capacity - 1]
+
+
+def _group_thresholds(
+    keys: torch.Tensor, bins: _Bins, capacity: int, group: RoutingGroup
+) -> torch.Tensor:
+    """bin_thresholds over the whole group: one gather of every rank's [B, C] top keys.
+
+    The group-wide top-C of a bin lies within the union of every rank's own top-C.
+    """
+    top = _top_keys(_bin_major(keys, bins.experts), capacity)
+    gathered = group.all_gather(top)  # [W, B, C]
+    merged = gathered.permute(1, 0, 2).reshape(bins.num_bins, -1)
+    return _top_keys(merged, capacity)[:, capacity - 1]
+
+
+def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
+    """The module computing keys and thresholds: this one (torch) or the Triton kernels."""
+    if backend == "torch" or (backend == "auto" and not scores.is_cuda):
+        return sys.modules[__name__]
+    try:
+        from . import kernels
+    except ImportError as err:
+        if backend == "auto":
+            return sys.modules[__name__]
+        raise ImportError(
+            "backend='triton' needs triton: pip install 'capaware_megatron[triton]'"
+        ) from err
+    return kernels
 
 
 # ------------------------------------------------------------------------------------- reroute

@@ -12,7 +12,7 @@ C-th largest") describe a whole expert's decision.
           reverse:  t                   (latest token first)
           random:   lowbias32(seed, t * E + e) - 2**31
 
-t is the token's index in the group (global scope) or on this rank, so t * E + e < 2**32 is
+t is the token's index in the group (global scope) or on this rank; t * E + e < 2**32 - 1 is
 required; that allows for example 8M tokens at E = 512.
 """
 
@@ -68,10 +68,10 @@ def assignment_keys(
         [T, E] int64.
     """
     num_tokens, num_experts = scores.shape
-    if (token_offset + num_tokens) * num_experts > MAX_ASSIGNMENTS:
+    if (token_offset + num_tokens) * num_experts >= MAX_ASSIGNMENTS:
         raise ValueError(
-            f"(token_offset + T) * E = {(token_offset + num_tokens) * num_experts} exceeds "
-            f"{MAX_ASSIGNMENTS}: priority keys cannot order that many assignments"
+            f"(token_offset + T) * E = {(token_offset + num_tokens) * num_experts} must stay below "
+            f"{MAX_ASSIGNMENTS}: priority keys cannot order more assignments"
         )
     device = scores.device
     token = torch.arange(num_tokens, device=device, dtype=torch.int64).unsqueeze(1) + token_offset

@@ -1,0 +1,99 @@
+"""Routing-plan speed: torch planner vs Triton planner vs Megatron-Core's capacity path.
+
+    python benchmarks/bench_planner.py [--device cuda] [--csv out.csv]
+
+Megatron-Core's path is apply_router_token_dropping (drop_policy="probs") followed by its
+permute index computation, i.e. what its all-to-all dispatcher does with a capacity factor.
+The memory floor is (scores read + plan written) / measured copy bandwidth: the plan is the
+routing map (1 B) and the weights (4 B) per (token, expert), plus the permutation indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import warnings
+
+import torch
+from timing import copy_bandwidth, device_name, median_seconds
+
+from capaware_megatron import CapacityConfig, plan_routing
+from capaware_megatron.synthetic import skewed_routing
+
+SHAPES = [("Mixtral", 8192, 8, 2), ("DeepSeek-V2-Lite", 16384, 64, 8), ("DeepSeek-V3", 16384, 256, 8)]
+
+
+def _megatron_path(scores, routing_map, topk, gamma):
+    from megatron.core.transformer.moe import moe_utils
+
+    def run():
+        probs, new_map = moe_utils.apply_router_token_dropping(
+            scores * routing_map, routing_map, topk, gamma, drop_policy="probs"
+        )
+        moe_utils.permute(scores[:, :1], new_map, probs=probs, num_out_tokens=int(new_map.sum()))
+
+    return run
+
+
+def _ours(scores, routing_map, gamma, backend):
+    cfg = CapacityConfig(gamma, policy="drop", backend=backend)
+
+    def run():
+        plan = plan_routing(scores, routing_map, cfg, validate=False, topk=int(routing_map[0].sum()))
+        if backend == "triton":
+            from capaware_megatron.kernels import permutation_indices
+
+            permutation_indices(plan.routing_map, plan.probs)
+        else:
+            torch.arange(scores.shape[0], device=scores.device).expand(scores.shape[1], -1).masked_select(
+                plan.routing_map.T
+            )
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gamma", type=float, default=1.5)
+    parser.add_argument("--csv", default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # megatron-core's "Apex / TE not installed" notices
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    providers = ["torch", "megatron"] + (["triton"] if device.type == "cuda" else [])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {commit}")
+    print(f"policy drop, priority score, gamma {args.gamma}; times are medians\n")
+    header = f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>9} {'time ms':>9} {'GB/s':>7} {'floor ms':>9} {'x floor':>8}"
+    print(header)
+    rows = []
+    for name, num_tokens, num_experts, topk in SHAPES:
+        scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
+        scores, routing_map = scores.to(device), routing_map.to(device)
+        traffic = num_tokens * num_experts * (4 + 1 + 1 + 4) + num_tokens * topk * 8
+        floor = traffic / bandwidth
+        for provider in providers:
+            fn = (
+                _megatron_path(scores, routing_map, topk, args.gamma)
+                if provider == "megatron"
+                else _ours(scores, routing_map, args.gamma, provider)
+            )
+            seconds = median_seconds(fn, device)
+            row = dict(shape=name, T=num_tokens, E=num_experts, k=topk, provider=provider,
+                       ms=seconds * 1e3, gbps=traffic / seconds / 1e9, floor_ms=floor * 1e3,
+                       x_floor=seconds / floor, device=device_name(device), commit=commit)
+            rows.append(row)
+            print(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>9} "
+                  f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

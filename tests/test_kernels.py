@@ -1,0 +1,131 @@
+"""Triton kernels against the torch planner (interpreter on CPU) and compiled for Hopper."""
+
+import pytest
+import torch
+
+from capaware_megatron import CapacityConfig, planner, plan_routing, priority
+from capaware_megatron.synthetic import skewed_routing
+
+kernels = pytest.importorskip("capaware_megatron.kernels")
+
+SHAPES = [
+    (0, 8, 2),  # empty batch
+    (1, 1, 1),  # one token, one expert
+    (5, 3, 3),  # k == E
+    (37, 7, 2),  # prime E, T below one block
+    (200, 32, 16),  # the largest k of the issue
+    (64, 512, 8),  # the largest E of the issue (E > BLOCK_E: several column blocks)
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prio", ["score", "position", "reverse", "random"])
+def test_keys_bit_exact(num_tokens, num_experts, topk, dtype, prio):
+    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype, skew=1.0)
+    got = kernels.assignment_keys(scores, routing_map, prio, seed=11, token_offset=3)
+    want = priority.assignment_keys(scores, routing_map, prio, seed=11, token_offset=3)
+    assert torch.equal(got, want)
+
+
+def test_keys_non_contiguous_inputs():
+    scores, routing_map = skewed_routing(40, 12, 3, skew=1.0)
+    scores_t = scores.t().contiguous().t()  # column-major storage
+    routing_t = routing_map.t().contiguous().t()
+    got = kernels.assignment_keys(scores_t, routing_t, "score")
+    assert not scores_t.is_contiguous()
+    assert torch.equal(got, priority.assignment_keys(scores, routing_map, "score"))
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,topk,per_bin",
+    [(t, e, k, 1) for t, e, k in SHAPES[1:5]]
+    + [(t, e, k, e) for t, e, k in SHAPES[1:5]]
+    + [(64, 512, 8, 64)],  # 512 experts in 8 device bins (one program per bin: interpreter speed)
+)
+@pytest.mark.parametrize("capacity", [1, 3, 17, 1000])
+def test_thresholds_match_torch(num_tokens, num_experts, topk, per_bin, capacity):
+    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0)
+    bin_experts = torch.randperm(num_experts).view(-1, per_bin)  # bins need not be contiguous
+    keys = priority.assignment_keys(scores, routing_map, "score")
+    got = kernels.bin_thresholds(keys, bin_experts, capacity)
+    assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
+
+
+def test_thresholds_on_ties_and_extreme_keys():
+    # Equal scores everywhere (ties broken by the low bits) and negative keys (random priority).
+    scores = torch.full((50, 4), 0.25)
+    routing_map = torch.ones(50, 4, dtype=torch.bool)
+    bin_experts = torch.arange(4).view(4, 1)
+    for prio in ["score", "random", "position"]:
+        keys = priority.assignment_keys(scores, routing_map, prio, seed=2**32 - 1)
+        for capacity in (1, 2, 25, 49):
+            got = kernels.bin_thresholds(keys, bin_experts, capacity)
+            assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
+
+
+@pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
+@pytest.mark.parametrize("scope", ["local", "device", "global"])
+@pytest.mark.parametrize("prio", ["score", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_planner_backends_agree(policy, scope, prio, dtype):
+    scores, routing_map = skewed_routing(96, 8, 2, skew=2.0, dtype=dtype)
+    kwargs = dict(local_experts=[0, 1], expert_to_rank=[0, 0, 1, 1, 2, 2, 3, 3])
+    plans = [
+        plan_routing(
+            scores, routing_map,
+            CapacityConfig(1.0, policy=policy, scope=scope, priority=prio, backend=backend),
+            **kwargs,
+        )
+        for backend in ("torch", "triton")
+    ]
+    assert torch.equal(plans[0].routing_map, plans[1].routing_map)
+    assert torch.equal(plans[0].probs, plans[1].probs)
+    assert plans[0].capacity == plans[1].capacity
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_permutation_indices(num_tokens, num_experts, topk, dtype):
+    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype)
+    probs = scores * routing_map
+    sorted_indices, permuted_probs, counts = kernels.permutation_indices(routing_map, probs)
+    # Megatron-Core's permute order: expert-major, tokens ascending within an expert.
+    tokens = torch.arange(num_tokens).unsqueeze(0).expand(num_experts, -1)
+    assert torch.equal(sorted_indices, tokens.masked_select(routing_map.T))
+    assert torch.equal(permuted_probs, probs.T.contiguous().masked_select(routing_map.T))
+    assert torch.equal(counts, routing_map.sum(0))
+    # Round trip: gather into expert order, scatter back, each token gets its k copies.
+    hidden = torch.randn(num_tokens, 4)
+    back = torch.zeros_like(hidden).index_add_(0, sorted_indices, hidden[sorted_indices])
+    torch.testing.assert_close(back, hidden * routing_map.sum(1, keepdim=True))
+
+
+def test_permutation_matches_megatron_permute():
+    moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
+    scores, routing_map = skewed_routing(100, 8, 2)
+    probs = scores * routing_map
+    hidden = torch.randn(100, 16)
+    permuted, permuted_probs, sorted_indices, _, _ = moe_utils.permute(
+        hidden, routing_map, probs=probs, num_out_tokens=int(routing_map.sum())
+    )
+    ours, our_probs, _ = kernels.permutation_indices(routing_map, probs)
+    assert torch.equal(ours, sorted_indices)
+    assert torch.equal(our_probs, permuted_probs)
+    assert torch.equal(hidden[ours], permuted)
+
+
+def test_kernel_input_errors():
+    scores, routing_map = skewed_routing(4, 600, 2)
+    with pytest.raises(ValueError, match="up to 512 experts"):
+        kernels.assignment_keys(scores, routing_map, "score")
+    scores, routing_map = skewed_routing(4, 8, 2)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        kernels.assignment_keys(scores.double(), routing_map, "score")
+    with pytest.raises(TypeError, match="candidates must be torch.bool"):
+        kernels.assignment_keys(scores, routing_map.int(), "score")
+    with pytest.raises(ValueError, match="priority must be one of"):
+        kernels.assignment_keys(scores, routing_map, "probs")
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        kernels.bin_thresholds(torch.zeros(4, 8, dtype=torch.int64), torch.arange(8).view(8, 1), 0)
