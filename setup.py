@@ -26,7 +26,10 @@ setup(
     python_requires=">=3.10",
     packages=[
         "capaware_megatron",
+        "capaware_megatron.deepspeed",
         "capaware_megatron.kernels",
+        "capaware_megatron.megatron",
+        "capaware_megatron.monitor",
     ],
     # The top-level folder kernels/ ships as capaware_megatron.kernels: no generic top-level
     # module named `kernels` lands in site-packages.

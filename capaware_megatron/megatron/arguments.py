@@ -1,0 +1,99 @@
+"""Megatron-LM command-line arguments: --capaware-* and the capaware dispatcher choice."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Optional
+
+from ..config import BACKENDS, POLICIES, PRIORITIES, SCOPES, CapacityConfig
+from .config import DISPATCHER_TYPE, check_megatron_conflicts
+
+ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+DISPATCHER_FLAG = "--moe-token-dispatcher-type"
+DISPATCHER_ALIAS = "--moe-token-dispatcher"
+
+
+def _none_or_float(text: str) -> Optional[float]:
+    return None if text.lower() in ("none", "null", "") else float(text)
+
+
+def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the --capaware-* group and the 'capaware' dispatcher choice (and its alias flag)."""
+    group = parser.add_argument_group(title="capacity-aware inference (capaware_megatron)")
+    group.add_argument("--capaware-capacity-factor", type=_none_or_float, default=None,
+                       help="gamma: cap every expert at ceil(T*k/E*gamma) assignments; "
+                            "None (default) is dropless.")
+    group.add_argument("--capaware-policy", choices=POLICIES, default="drop",
+                       help="What happens to the overflow (default drop).")
+    group.add_argument("--capaware-priority", choices=PRIORITIES, default="score",
+                       help="Which assignments a full expert keeps (default score).")
+    group.add_argument("--capaware-scope", choices=SCOPES, default="local",
+                       help="local: per-rank cap; device: per-EP-rank cap; global: group-wide.")
+    group.add_argument("--capaware-min-capacity", type=int, default=0,
+                       help="Decode guard: no cap while T*k/E is below this (default 0).")
+    group.add_argument("--capaware-renormalize", action="store_true",
+                       help="Rescale each token's kept weights to its original top-k sum.")
+    group.add_argument("--capaware-apply-in-training", action="store_true",
+                       help="Also cap in training (default: eval/inference only).")
+    group.add_argument("--capaware-seed", type=int, default=0, help="Seed of priority random.")
+    group.add_argument("--capaware-backend", choices=BACKENDS, default="auto",
+                       help="Planner backend (auto: Triton on GPU, torch on CPU).")
+    group.add_argument("--capaware-log-interval", type=int, default=0,
+                       help="Log load statistics every N steps (0: off).")
+    group.add_argument("--capaware-log-per-expert", action="store_true",
+                       help="Also log per-expert loads and a layer x expert heatmap.")
+    _allow_capaware_dispatcher(parser)
+    return parser
+
+
+def _allow_capaware_dispatcher(parser: argparse.ArgumentParser) -> None:
+    """Extend --moe-token-dispatcher-type's choices; add --moe-token-dispatcher as an alias."""
+    action = next((a for a in parser._actions if DISPATCHER_FLAG in a.option_strings), None)
+    if action is None:  # a parser without Megatron's arguments: add the flag ourselves
+        action = parser.add_argument(DISPATCHER_FLAG, default="allgather",
+                                     dest="moe_token_dispatcher_type")
+    if action.choices is not None and DISPATCHER_TYPE not in action.choices:
+        action.choices = [*action.choices, DISPATCHER_TYPE]
+    if DISPATCHER_ALIAS not in parser._option_string_actions:
+        # Megatron's parser sets allow_abbrev=False, so the short form needs its own entry.
+        action.option_strings.append(DISPATCHER_ALIAS)
+        parser._option_string_actions[DISPATCHER_ALIAS] = action
+
+
+def compose_args_providers(first: Optional[ArgsProvider], then: ArgsProvider) -> ArgsProvider:
+    """An extra_args_provider running the script's own provider, then ours."""
+
+    def provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if first is not None:
+            parser = first(parser)
+        return then(parser)
+
+    return provider
+
+
+def capacity_config_from_args(args: Any) -> CapacityConfig:
+    """CapacityConfig from parsed Megatron-LM arguments (validated)."""
+    return CapacityConfig(
+        capacity_factor=args.capaware_capacity_factor,
+        policy=args.capaware_policy,
+        priority=args.capaware_priority,
+        scope=args.capaware_scope,
+        min_capacity=args.capaware_min_capacity,
+        renormalize=args.capaware_renormalize,
+        apply_in_training=args.capaware_apply_in_training,
+        seed=args.capaware_seed,
+        backend=args.capaware_backend,
+    )
+
+
+def validate_capaware_args(args: Any) -> Optional[CapacityConfig]:
+    """The CapacityConfig when the capaware dispatcher is selected; clear errors on conflicts."""
+    if getattr(args, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
+        if getattr(args, "capaware_capacity_factor", None) is not None:
+            raise ValueError(
+                "--capaware-capacity-factor needs --moe-token-dispatcher-type capaware "
+                f"(got {getattr(args, 'moe_token_dispatcher_type', None)!r})"
+            )
+        return None
+    check_megatron_conflicts(args)
+    return capacity_config_from_args(args)

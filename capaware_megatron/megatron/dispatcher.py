@@ -1,0 +1,134 @@
+"""CapacityAwareTokenDispatcher: Megatron-Core's all-to-all dispatcher with the routing plan.
+
+The plan runs between the router and the first permutation (dispatch_preprocess), on this rank's
+tokens, before any communication: everything after it (all-to-all, expert-TP gathers, sorting by
+local expert, combine) is the stock dispatcher working on the planned (routing_map, probs).
+
+Scores. Megatron's router returns only the top-k combine weights, while reroute and expanded rank
+experts a token did not pick. The MoE layer hands the router's logits to the dispatcher
+(capture_router_logits, wired by install()); full scores are the router's score function over all
+experts. Assignments the router made are ranked by its own combine weights, exactly as
+Megatron-Core's moe_token_drop_policy="probs" ranks them, so scope local with policy drop equals
+its capacity drop; other candidates are ranked by their full score.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config import CapacityConfig
+from ..group import RoutingGroup
+from ..planner import RoutingPlan, plan_routing
+from .config import capacity_config_of
+
+PlanObserver = Callable[["CapacityAwareTokenDispatcher", RoutingPlan], None]
+
+_SCORE_FUNCTIONS = {
+    "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
+    "sigmoid": lambda logits: torch.sigmoid(logits.float()),
+    "sqrtsoftplus": lambda logits: torch.sqrt(torch.nn.functional.softplus(logits.float())),
+}
+
+
+class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
+    """All-to-all token dispatcher that caps expert load (arXiv 2503.05066)."""
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config: TransformerConfig,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ) -> None:
+        super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
+        self.capacity_config: CapacityConfig = capacity_config_of(config)
+        if config.moe_router_score_function not in _SCORE_FUNCTIONS:
+            raise ValueError(
+                f"moe_router_score_function={config.moe_router_score_function!r} is not supported "
+                f"by the capaware dispatcher; use one of {', '.join(_SCORE_FUNCTIONS)}"
+            )
+        # [num_experts]: the EP rank hosting each expert (experts are contiguous per rank).
+        self.expert_to_rank = torch.arange(self.num_experts) // num_local_experts
+        self._routing_group: Optional[RoutingGroup] = None
+        self._router_logits: Optional[torch.Tensor] = None
+        self._plan_applied = False
+        self.last_plan: Optional[RoutingPlan] = None
+        self.plan_observers: list[PlanObserver] = []
+
+    def capture_router_logits(self, logits: torch.Tensor) -> None:
+        """Called with the router's logits ([S, B, E] or [T, E]) before each dispatch."""
+        self._router_logits = logits
+
+    def _full_scores(self, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        logits, self._router_logits = self._router_logits, None
+        if logits is None:
+            if self.capacity_config.policy in ("reroute", "expanded"):
+                raise RuntimeError(
+                    f"policy {self.capacity_config.policy!r} needs the router's scores over all "
+                    "experts, but no router logits reached the dispatcher: build the MoE layer "
+                    "after capaware_megatron.megatron.install()"
+                )
+            return torch.where(routing_map, probs, 0).float()
+        full = _SCORE_FUNCTIONS[self.config.moe_router_score_function](
+            logits.reshape(-1, self.num_experts)
+        )
+        # Router picks are ranked by its own combine weights (Megatron's "probs" drop order).
+        return torch.where(routing_map, probs.float(), full)
+
+    def _group(self) -> Optional[RoutingGroup]:
+        if self.capacity_config.scope != "global":
+            return None
+        if self._routing_group is None:
+            self._routing_group = RoutingGroup.from_process_group(self.tp_ep_group)
+        return self._routing_group
+
+    def plan(self, routing_map: torch.Tensor, probs: torch.Tensor) -> RoutingPlan:
+        """The capacity plan of this rank's tokens; notifies plan_observers."""
+        cfg = self.capacity_config
+        scores = self._full_scores(probs, routing_map)
+        plan = plan_routing(
+            scores,
+            routing_map,
+            cfg,
+            local_experts=self.local_expert_indices,
+            expert_to_rank=self.expert_to_rank,
+            probs=probs,
+            topk=self.config.moe_router_topk,
+            group=self._group(),
+            training=self.training,
+            validate=False,
+        )
+        self.last_plan = plan
+        for observer in self.plan_observers:
+            observer(self, plan)
+        return plan
+
+    @property
+    def training(self) -> bool:
+        """The dispatcher is no nn.Module: MoELayer sets this from its own mode (install())."""
+        return getattr(self, "_training", False)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self._training = mode
+
+    def dispatch_preprocess(
+        self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor
+    ):
+        plan = self.plan(routing_map, probs)
+        self._plan_applied = plan.routing_map is not routing_map
+        return super().dispatch_preprocess(hidden_states, plan.routing_map, plan.probs)
+
+    def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        tokens_per_expert = super().preprocess(routing_map)
+        if self._plan_applied:
+            # After the plan the number of routed assignments is no longer T * k: size the
+            # permutation buffer from the map, like Megatron-Core's own capacity path does.
+            self.num_out_tokens = routing_map.sum()
+            self._maybe_update_cuda_sync_point("before_permutation_1")
+        return tokens_per_expert

@@ -1,0 +1,116 @@
+"""Worker-side helpers of the Megatron tests: parallel set-up, MoE layers with distinct experts.
+
+Every function here runs inside a gloo rank started by distributed.run_distributed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+HIDDEN, FFN, EXPERTS, TOPK = 16, 24, 8, 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    pp: int = 1
+
+    world_size: int = 2
+
+
+def setup(layout: Layout) -> None:
+    """CPU shims, the plugin, and Megatron's parallel state for this layout."""
+    warnings.filterwarnings("ignore")
+    from megatron.core import parallel_state
+
+    from capaware_megatron.megatron import cpu_shims, install
+
+    cpu_shims.apply()
+    install()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+    )
+
+
+def transformer_config(layout: Layout, dispatcher: str, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        num_layers=2 * layout.pp, hidden_size=HIDDEN, num_attention_heads=4,
+        num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=FFN,
+        moe_token_dispatcher_type=dispatcher, use_cpu_initialization=True,
+        add_bias_linear=False, moe_router_load_balancing_type="none",
+        params_dtype=torch.float32, tensor_model_parallel_size=layout.tp,
+        expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
+        pipeline_model_parallel_size=layout.pp, sequence_parallel=layout.tp > 1,
+        pipeline_dtype=torch.float32,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def _distinct_weight(global_index: int, shape: tuple[int, int], salt: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * salt + global_index)
+    return torch.randn(shape, generator=gen) * (0.5 + 0.1 * global_index)
+
+
+def make_experts_distinct(layer) -> None:
+    """Give every expert its own weights (Megatron initialises local experts alike on every rank).
+
+    The full matrices depend only on the global expert index; each rank keeps its expert-TP
+    shard (fc1 rows, fc2 columns), so every layout computes the same function.
+    """
+    from megatron.core import parallel_state
+
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    with torch.no_grad():
+        for local, expert in enumerate(layer.experts.local_experts):
+            global_index = layer.local_expert_indices[local]
+            fc1 = _distinct_weight(global_index, (FFN, HIDDEN), salt=1).chunk(etp, dim=0)[etp_rank]
+            fc2 = _distinct_weight(global_index, (HIDDEN, FFN), salt=2).chunk(etp, dim=1)[etp_rank]
+            expert.linear_fc1.weight.copy_(fc1)
+            expert.linear_fc2.weight.copy_(fc2)
+        gen = torch.Generator().manual_seed(7)
+        layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=gen))
+        # A skewed router: experts 0 and 1 are hot, as in trained models.
+        layer.router.weight[:2] += 0.8 * torch.randn(HIDDEN, generator=gen)
+
+
+def moe_layer(layout: Layout, dispatcher: str, capaware=None, **overrides):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from capaware_megatron.megatron import set_capacity_config
+
+    config = transformer_config(layout, dispatcher, **overrides)
+    if capaware is not None:
+        set_capacity_config(config, capaware)
+    spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
+    layer = spec.submodules.mlp(config=config)
+    make_experts_distinct(layer)
+    return layer
+
+
+def local_input(num_tokens: int, seed: int, requires_grad: bool = True) -> torch.Tensor:
+    """This rank's [S, 1, H] input: distinct per rank, deterministic."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, 1, HIDDEN, generator=gen)
+    return x.requires_grad_(requires_grad)
+
+
+def forward_backward(layer, x: torch.Tensor, training: bool = True):
+    """(output, input grad, {param name: grad}) of one forward/backward."""
+    layer.train(training)
+    x = x.detach().clone().requires_grad_(True)
+    out, _ = layer(x)
+    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad.clone(), grads

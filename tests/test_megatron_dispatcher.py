@@ -1,0 +1,193 @@
+"""The capaware dispatcher inside Megatron-Core's MoELayer, over gloo in several layouts.
+
+Peers: the stock all-to-all dispatcher (dropless must be identical, outputs and gradients),
+Megatron-Core's own capacity drop (moe_expert_capacity_factor + moe_token_drop_policy="probs"
+must equal scope local, policy drop), and the single-process planner on the gathered batch
+(scope global).
+"""
+
+import pytest
+import torch
+from distributed import run_distributed
+from megatron_harness import Layout
+
+from capaware_megatron import CapacityConfig, plan_routing
+
+pytest.importorskip("megatron.core")
+
+LAYOUTS = {
+    "EP2": Layout(ep=2, world_size=2),
+    "EP4": Layout(ep=4, world_size=4),
+    "TP2xEP2": Layout(tp=2, ep=2, world_size=4),
+    "ETP2xEP2": Layout(ep=2, etp=2, world_size=4),
+}
+
+
+def _tokens(rank: int) -> int:
+    """Sequence lengths differ across ranks."""
+    return 10 + 3 * rank
+
+
+def _assert_same(a, b, what):
+    out_a, grad_a, params_a = a
+    out_b, grad_b, params_b = b
+    torch.testing.assert_close(out_a, out_b, msg=f"{what}: outputs")
+    torch.testing.assert_close(grad_a, grad_b, msg=f"{what}: input gradients")
+    assert params_a.keys() == params_b.keys(), what
+    for name in params_a:
+        torch.testing.assert_close(params_a[name], params_b[name], msg=f"{what}: grad of {name}")
+
+
+def _record_plans(layer):
+    """Keep what the dispatcher planned from: (scores, routing_map, probs, plan) per forward."""
+    records = []
+    dispatcher = layer.token_dispatcher
+    full_scores = dispatcher._full_scores
+
+    def recording(probs, routing_map):
+        scores = full_scores(probs, routing_map)
+        records.append([scores.detach(), routing_map, probs.detach()])
+        return scores
+
+    dispatcher._full_scores = recording
+    dispatcher.plan_observers.append(lambda _d, plan: records[-1].append(plan))
+    return records
+
+
+def _identity_round_trip(layer, x):
+    """Dispatch and combine through the capaware dispatcher with identity experts."""
+    dispatcher = layer.token_dispatcher
+    x = x.detach().clone().requires_grad_(True)
+    hidden = x.view(-1, x.shape[-1])
+    probs, routing_map = layer.router(hidden)
+    dispatcher.training = False
+    permuted, permuted_probs = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+    received, received_probs = dispatcher.token_dispatch(permuted, permuted_probs)
+    received, tokens_per_expert, _ = dispatcher.dispatch_postprocess(received, received_probs)
+    back = dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(received)))
+    weight = torch.linspace(0.5, 1.5, back.numel()).view_as(back)
+    (back * weight).sum().backward()
+    # Each expert-TP rank returns the whole input and the combine sums the shards: x etp.
+    kept = dispatcher.last_plan.routing_map.sum(1, keepdim=True).float() * dispatcher.tp_size
+    return back.detach(), x.grad, hidden.detach(), kept, weight
+
+
+def _dispatcher_checks(rank, world_size, layout):
+    from megatron.core import parallel_state
+
+    import megatron_harness as mh
+
+    mh.setup(layout)
+    x = mh.local_input(_tokens(rank), seed=100 + rank)
+    results = {}
+
+    stock = mh.forward_backward(mh.moe_layer(layout, "alltoall"), x)
+    for name, cfg in [("gamma None", CapacityConfig(None)), ("policy none", CapacityConfig(policy="none"))]:
+        results[f"dropless: {name}"] = (stock, mh.forward_backward(mh.moe_layer(layout, "capaware", cfg), x))
+
+    megatron_drop = mh.moe_layer(
+        layout, "alltoall", moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"
+    )
+    ours = mh.moe_layer(layout, "capaware", CapacityConfig(1.0, apply_in_training=True))
+    results["local drop vs Megatron, train"] = (
+        mh.forward_backward(megatron_drop, x), mh.forward_backward(ours, x)
+    )
+    with torch.no_grad():
+        megatron_drop.eval(), ours.eval()
+        results["local drop vs Megatron, eval"] = (megatron_drop(x)[0], ours(x)[0])
+    # Not applied in training unless asked: training mode is the stock dispatcher.
+    results["training is dropless"] = (
+        stock, mh.forward_backward(mh.moe_layer(layout, "capaware", CapacityConfig(1.0)), x)
+    )
+    # Decode-sized step: 2 tokens x top-2 over 8 experts is below min_capacity 1.
+    tiny = mh.local_input(2, seed=300 + rank)
+    results["decode guard"] = (
+        mh.forward_backward(mh.moe_layer(layout, "alltoall"), tiny, training=False),
+        mh.forward_backward(mh.moe_layer(layout, "capaware", CapacityConfig(1.0, min_capacity=1)), tiny, training=False),
+    )
+
+    plans = {}
+    for policy in ("drop", "reroute", "expanded"):
+        for scope in ("local", "global", "device"):
+            layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0, policy=policy, scope=scope))
+            records = _record_plans(layer)
+            layer.eval()
+            with torch.no_grad():
+                out, _ = layer(x)
+            assert torch.isfinite(out).all()
+            plans[(policy, scope)] = records[-1]
+
+    layer = mh.moe_layer(layout, "capaware", CapacityConfig(0.75, policy="reroute", scope="global"))
+    round_trip = _identity_round_trip(layer, x)
+    group = layer.token_dispatcher.tp_ep_group
+    return dict(
+        results=results, plans=plans, round_trip=round_trip,
+        tp_ep_rank=torch.distributed.get_rank(group),
+        tp_ep_ranks=tuple(torch.distributed.get_process_group_ranks(group)),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        local_experts=layer.local_expert_indices,
+    )
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout_run(request):
+    layout = LAYOUTS[request.param]
+    return request.param, layout, run_distributed(_dispatcher_checks, layout.world_size, layout)
+
+
+def test_equivalences(layout_run):
+    name, _, per_rank = layout_run
+    for rank, result in enumerate(per_rank):
+        for what, (a, b) in result["results"].items():
+            if isinstance(a, tuple):
+                _assert_same(a, b, f"{name} rank {rank} {what}")
+            else:
+                torch.testing.assert_close(a, b, msg=f"{name} rank {rank} {what}")
+
+
+def test_capacity_and_global_plan(layout_run):
+    name, layout, all_ranks = layout_run
+    # Global scope spans the group the all-to-all spans (expert-TP x EP); check each one.
+    for group in sorted({r["tp_ep_ranks"] for r in all_ranks}):
+        per_rank = [all_ranks[r] for r in group]
+        _check_group_plans(f"{name} group {group}", layout, per_rank)
+
+
+def _check_group_plans(name, layout, per_rank):
+    order = sorted(range(len(per_rank)), key=lambda r: per_rank[r]["tp_ep_rank"])
+    for (policy, scope), _ in per_rank[0]["plans"].items():
+        records = [per_rank[r]["plans"][(policy, scope)] for r in order]
+        plans = [rec[3] for rec in records]
+        loads = torch.stack([p.tokens_per_expert_after for p in plans])
+        capacity = plans[0].capacity
+        if scope == "global":
+            # The cap holds for what each expert receives from all ranks together ...
+            assert int(loads.sum(0).max()) <= capacity, (name, policy)
+            # ... and the plan is the single-process plan of the gathered batch.
+            scores = torch.cat([rec[0] for rec in records])
+            routing_map = torch.cat([rec[1] for rec in records])
+            probs = torch.cat([rec[2] for rec in records])
+            local = torch.cat([
+                torch.zeros_like(rec[1]).index_fill_(1, torch.tensor(per_rank[r]["local_experts"]), True)
+                for r, rec in zip(order, records)
+            ])
+            whole = plan_routing(
+                scores, routing_map, CapacityConfig(1.0, policy=policy), probs=probs, local_experts=local
+            )
+            assert torch.equal(torch.cat([p.routing_map for p in plans]), whole.routing_map), (name, policy)
+            torch.testing.assert_close(torch.cat([p.probs for p in plans]), whole.probs)
+        else:  # each rank caps its own tokens, with its own T
+            caps = torch.tensor([p.capacity for p in plans]).unsqueeze(1)
+            if scope == "device":
+                loads = loads.view(loads.shape[0], layout.ep, -1).sum(2)
+            assert bool((loads <= caps).all()), (name, policy, scope)
+        if policy != "expanded":
+            assert any(int(p.num_dropped) + int(p.num_rerouted) > 0 for p in plans), "no overflow tested"
+
+
+def test_identity_round_trip(layout_run):
+    name, _, per_rank = layout_run
+    for rank, result in enumerate(per_rank):
+        back, grad, hidden, kept, weight = result["round_trip"]
+        torch.testing.assert_close(back, hidden * kept, msg=f"{name} rank {rank}")
+        torch.testing.assert_close(grad.view(-1, grad.shape[-1]), weight * kept, msg=f"{name} rank {rank}")
