@@ -114,3 +114,73 @@ def forward_backward(layer, x: torch.Tensor, training: bool = True):
     (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     return out.detach(), x.grad.clone(), grads
+
+
+def gpt_model(layout: Layout, dispatcher: str, capaware=None, **overrides):
+    """A 2-layer MoE GPT split over the pipeline stages of this layout, distinct experts."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from capaware_megatron.megatron import set_capacity_config
+
+    config = transformer_config(layout, dispatcher, **overrides)
+    if capaware is not None:
+        set_capacity_config(config, capaware)
+    torch.manual_seed(0)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    for layer in model.decoder.layers:
+        make_experts_distinct(layer.mlp)
+    return model
+
+
+VOCAB, SEQ = 64, 12
+
+
+def pipeline_step(model, forward_only: bool = False):
+    """One micro-batch through the pipeline stages with explicit send/recv (Megatron's schedule
+    allocates on "cuda"); returns (loss on the last stage else None, {param: grad})."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    positions = torch.arange(SEQ).unsqueeze(0).expand(2, -1)
+    mask = torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool).tril().logical_not()
+    group = parallel_state.get_pipeline_model_parallel_group()
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    activation_shape = (SEQ, 2, HIDDEN)  # [s, b, h] between stages
+
+    model.zero_grad(set_to_none=True)
+    model.train(not forward_only)
+    with torch.set_grad_enabled(not forward_only):
+        received = None
+        if not first:
+            received = torch.empty(activation_shape)
+            dist.recv(received, group=group, group_src=parallel_state.get_pipeline_model_parallel_rank() - 1)
+            received.requires_grad_(not forward_only)
+            model.set_input_tensor(received)
+        output = model(tokens, positions, mask, labels=tokens if last else None)
+        loss = output.float().mean() if last else None
+        if not last:
+            dist.send(output.detach().contiguous(), group=group,
+                      group_dst=parallel_state.get_pipeline_model_parallel_rank() + 1)
+        if not forward_only:
+            if last:
+                loss.backward()
+            else:
+                grad = torch.empty(activation_shape)
+                dist.recv(grad, group=group, group_src=parallel_state.get_pipeline_model_parallel_rank() + 1)
+                output.backward(grad)
+            if not first:
+                dist.send(received.grad.contiguous(), group=group,
+                          group_dst=parallel_state.get_pipeline_model_parallel_rank() - 1)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (None if loss is None else loss.detach()), grads

@@ -191,3 +191,42 @@ def test_identity_round_trip(layout_run):
         back, grad, hidden, kept, weight = result["round_trip"]
         torch.testing.assert_close(back, hidden * kept, msg=f"{name} rank {rank}")
         torch.testing.assert_close(grad.view(-1, grad.shape[-1]), weight * kept, msg=f"{name} rank {rank}")
+
+
+def _pipeline_checks(rank, world_size, layout):
+    import megatron_harness as mh
+
+    mh.setup(layout)
+    stock = mh.pipeline_step(mh.gpt_model(layout, "alltoall"))
+    dropless = mh.pipeline_step(mh.gpt_model(layout, "capaware", CapacityConfig(None)))
+    megatron_drop = mh.pipeline_step(
+        mh.gpt_model(layout, "alltoall", moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs")
+    )
+    ours_drop = mh.pipeline_step(
+        mh.gpt_model(layout, "capaware", CapacityConfig(1.0, apply_in_training=True))
+    )
+    model = mh.gpt_model(layout, "capaware", CapacityConfig(1.0, policy="reroute"))
+    eval_loss, _ = mh.pipeline_step(model, forward_only=True)
+    plans = [layer.mlp.token_dispatcher.last_plan for layer in model.decoder.layers]
+    return dict(stock=stock, dropless=dropless, megatron_drop=megatron_drop, ours_drop=ours_drop,
+                eval_loss=eval_loss, plans=plans)
+
+
+def test_pipeline_parallel_pp2_ep2():
+    layout = Layout(pp=2, ep=2, world_size=4)
+    per_rank = run_distributed(_pipeline_checks, layout.world_size, layout)
+    for rank, result in enumerate(per_rank):
+        for a, b in [("stock", "dropless"), ("megatron_drop", "ours_drop")]:
+            loss_a, grads_a = result[a]
+            loss_b, grads_b = result[b]
+            if loss_a is not None:
+                torch.testing.assert_close(loss_a, loss_b)
+            assert grads_a.keys() == grads_b.keys() and grads_a
+            for name in grads_a:
+                torch.testing.assert_close(grads_a[name], grads_b[name], msg=f"rank {rank} {a}/{b} {name}")
+        # Each stage plans its own two layers, in eval mode, within capacity.
+        assert len(result["plans"]) == 2
+        for plan in result["plans"]:
+            assert int(plan.tokens_per_expert_after.max()) <= plan.capacity
+            assert int(plan.num_rerouted) > 0
+    assert per_rank[-1]["eval_loss"] is not None and torch.isfinite(per_rank[-1]["eval_loss"])

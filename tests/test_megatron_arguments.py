@@ -1,0 +1,101 @@
+"""Megatron-LM argument path: megatron.training.arguments.parse_args on CPU, and the run wrapper."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from capaware_megatron import CapacityConfig  # noqa: E402
+from capaware_megatron.megatron import (  # noqa: E402
+    add_capaware_args,
+    capacity_config_from_args,
+    validate_capaware_args,
+)
+from capaware_megatron.megatron._compat import patch_typing_override  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "fake_pretrain.py")
+
+
+def _parse(argv, monkeypatch):
+    patch_typing_override()
+    from megatron.training.arguments import parse_args
+
+    monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *argv])
+    return parse_args(extra_args_provider=add_capaware_args, ignore_unknown_args=False)
+
+
+@pytest.mark.parametrize("flag", ["--moe-token-dispatcher-type", "--moe-token-dispatcher"])
+def test_megatron_parser_accepts_capaware(flag, monkeypatch):
+    args = _parse([flag, "capaware", "--capaware-capacity-factor", "1.5", "--capaware-policy",
+                   "reroute", "--capaware-scope", "global", "--capaware-min-capacity", "4",
+                   "--capaware-renormalize"], monkeypatch)
+    assert args.moe_token_dispatcher_type == "capaware"
+    assert validate_capaware_args(args) == CapacityConfig(
+        1.5, policy="reroute", scope="global", min_capacity=4, renormalize=True
+    )
+
+
+def test_stock_dispatchers_still_parse(monkeypatch):
+    args = _parse(["--moe-token-dispatcher-type", "alltoall"], monkeypatch)
+    assert args.moe_token_dispatcher_type == "alltoall"
+    assert validate_capaware_args(args) is None
+
+
+def test_bad_values_are_rejected(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--moe-token-dispatcher", "capaware", "--capaware-policy", "dropp"], monkeypatch)
+    assert "--capaware-policy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["--moe-token-dispatcher", "capawre"], monkeypatch)
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "-1"], monkeypatch)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        validate_capaware_args(args)
+
+
+def test_conflicting_flags(monkeypatch):
+    args = _parse(["--moe-token-dispatcher", "capaware", "--moe-expert-capacity-factor", "1.0",
+                   "--capaware-capacity-factor", "1.5"], monkeypatch)
+    with pytest.raises(ValueError, match="--moe-expert-capacity-factor"):
+        validate_capaware_args(args)
+    args = _parse(["--moe-token-dispatcher-type", "alltoall", "--capaware-capacity-factor", "1.5"], monkeypatch)
+    with pytest.raises(ValueError, match="needs --moe-token-dispatcher-type capaware"):
+        validate_capaware_args(args)
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-policy", "none",
+                   "--capaware-capacity-factor", "1.5"], monkeypatch)
+    with pytest.raises(ValueError, match="policy='none'"):
+        capacity_config_from_args(args)
+
+
+def test_parser_without_megatron_arguments():
+    parser = add_capaware_args(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "none"])
+    assert args.moe_token_dispatcher_type == "capaware" and args.capaware_capacity_factor is None
+
+
+def _run_wrapper(*argv):
+    return subprocess.run(
+        [sys.executable, "-m", "capaware_megatron.megatron.run", SCRIPT, *argv],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_run_wrapper_on_an_unmodified_script():
+    out = _run_wrapper("--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "2.0",
+                       "--capaware-priority", "random", "--script-own-flag", "3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["dispatcher"] == "capaware"
+    assert result["script_own_flag"] == 3  # the script's own provider still runs
+    assert result["capacity"]["capacity_factor"] == 2.0
+    assert result["capacity"]["priority"] == "random"
+
+
+def test_run_wrapper_reports_conflicts():
+    out = _run_wrapper("--moe-token-dispatcher-type", "capaware", "--moe-expert-capacity-factor", "1.0")
+    assert out.returncode != 0
+    assert "--capaware-capacity-factor instead" in out.stderr
