@@ -60,3 +60,24 @@ except ImportError as err:
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "capaware_megatron[megatron]" in out.stdout, out.stdout + out.stderr
+
+
+def test_unsupported_megatron_version(monkeypatch):
+    from megatron.core import package_info
+
+    from capaware_megatron.megatron._compat import require_megatron_core
+
+    monkeypatch.setattr(package_info, "MINOR", 14)
+    monkeypatch.setattr(package_info, "__shortversion__", "0.14.0")
+    with pytest.raises(ImportError, match="supports megatron-core 0.19.x, found 0.14.0"):
+        require_megatron_core()
+
+
+def test_conflict_detected_when_building_in_code():
+    from capaware_megatron.megatron.config import capacity_config_of
+
+    class Config:
+        moe_expert_capacity_factor = 1.0
+
+    with pytest.raises(ValueError, match="moe_expert_capacity_factor=1.0"):
+        capacity_config_of(Config())

@@ -1,0 +1,144 @@
+"""CapacityAwareGate: DeepSpeed-MoE's TopKGate with the capacity-aware routing plan.
+
+The gate keeps DeepSpeed's router (the same `wg` Linear, input jitter, fp32 softmax, the same
+auxiliary loss) and its combine weights (raw for k = 1, normalised over the top-k for k >= 2),
+but selects the top-k deterministically (no Gumbel sampling of the 2nd expert, no random token
+selection) and hands capacity to the core planner. It returns what MOELayer expects in
+deepspeed 0.19: the sparse-route tuple (expert index per route, -1 where dropped; slot in the
+expert buffer; gate weight; counts), or the dense (combine_weights, dispatch_mask) form.
+
+The expert buffer size C must be equal on every rank of the expert-parallel group (the
+all-to-all exchanges [E, C, M] blocks): it is the group-wide largest per-expert load of the plan,
+agreed with one all_reduce(MAX) of one integer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
+
+from ..config import CapacityConfig
+from ..group import RoutingGroup
+from ..planner import RoutingPlan, plan_routing
+
+
+class CapacityAwareGate(TopKGate):
+    """TopKGate whose capacity decisions come from a CapacityConfig."""
+
+    def __init__(self, model_dim: int, num_experts: int, k: int = 1, *,
+                 capacity_config: CapacityConfig, **topk_gate_kwargs: Any) -> None:
+        super().__init__(model_dim, num_experts, k, **topk_gate_kwargs)
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        self.capacity_config = capacity_config
+        self.num_experts = num_experts
+        self.last_plan: Optional[RoutingPlan] = None
+        self.plan_observers: list = []
+
+    @classmethod
+    def from_topk_gate(cls, gate: TopKGate, capacity_config: CapacityConfig) -> "CapacityAwareGate":
+        """A capacity-aware gate sharing `gate`'s trained router weights (the same Parameter)."""
+        model_dim = gate.wg.weight.shape[1]
+        num_experts = gate.wg.weight.shape[0]
+        new = cls(
+            model_dim, num_experts, gate.k, capacity_config=capacity_config,
+            capacity_factor=gate.capacity_factor, eval_capacity_factor=gate.eval_capacity_factor,
+            min_capacity=gate.min_capacity, noisy_gate_policy=gate.noisy_gate_policy,
+            drop_tokens=gate.drop_tokens, use_rts=gate.use_rts, ep_group=gate.ep_group,
+            top2_2nd_expert_sampling=gate.top2_2nd_expert_sampling,
+        )
+        new.wg = gate.wg
+        new.wall_clock_breakdown = gate.wall_clock_breakdown
+        new.train(gate.training)
+        return new
+
+    # ---------------------------------------------------------------------------------- helpers
+
+    def _ep(self) -> tuple[int, int]:
+        group = self.ep_group
+        if group is None or not dist.is_initialized():
+            return 0, 1
+        return dist.get_rank(group), dist.get_world_size(group)
+
+    def _router(self, input: torch.Tensor):
+        """(fp32 logits, full softmax scores [S, E], top-k map [S, E])."""
+        input_fp32 = input.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            input_fp32 = multiplicative_jitter(input_fp32, device=input.device)
+        logits = F.linear(input_fp32, weight=self.wg.weight.float(), bias=None)
+        scores = F.softmax(logits, dim=1)
+        selection = logits
+        if self.noisy_gate_policy == "RSample" and self.training:
+            selection = logits + gumbel_rsample(logits.shape, device=logits.device)
+        top = torch.topk(selection, self.k, dim=1).indices
+        routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top, True)
+        return logits, scores, routing_map
+
+    def _aux_loss(self, scores: torch.Tensor, routing_map: torch.Tensor, first_choice) -> torch.Tensor:
+        """DeepSpeed's load-balancing loss for the same k (top-2 uses the first choice only)."""
+        num_experts = scores.shape[1]
+        me = scores.mean(0)
+        if self.k == 2:
+            ce = F.one_hot(first_choice, num_experts).float().mean(0)
+            return (me * ce).mean() * num_experts * num_experts
+        ce = routing_map.float().mean(0)
+        return (me * ce).mean() * num_experts * num_experts / self.k
+
+    def _plan(self, scores, routing_map, used_token) -> RoutingPlan:
+        if used_token is not None:
+            routing_map = routing_map & used_token.reshape(-1, 1).bool()
+        combine = scores * routing_map
+        if self.k > 1:  # DeepSpeed normalises the top-k weights for k >= 2
+            combine = combine / combine.sum(1, keepdim=True).clamp_min(torch.finfo(combine.dtype).eps)
+        ep_rank, ep_size = self._ep()
+        per_rank = self.num_experts // ep_size
+        cfg = self.capacity_config
+        plan = plan_routing(
+            scores, routing_map, cfg,
+            local_experts=list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)),
+            expert_to_rank=torch.arange(self.num_experts) // per_rank,
+            probs=combine, topk=self.k,
+            group=RoutingGroup.from_process_group(self.ep_group) if cfg.scope == "global" and ep_size > 1 else None,
+            training=self.training, validate=False,
+        )
+        self.last_plan = plan
+        for observer in self.plan_observers:
+            observer(self, plan)
+        return plan
+
+    def _buffer_capacity(self, plan: RoutingPlan) -> torch.Tensor:
+        """Slots per expert: the largest planned load in the expert-parallel group (>= 1)."""
+        capacity = plan.tokens_per_expert_after.max().clamp_min(1).to(torch.int64)
+        if self._ep()[1] > 1:
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+        return capacity
+
+    # ---------------------------------------------------------------------------------- forward
+
+    def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None,
+                sparse_routes: bool = False, use_tutel: bool = False):  # noqa: A002 - DeepSpeed's name
+        logits, scores, routing_map = self._router(input)
+        l_aux = self._aux_loss(scores, routing_map, torch.argmax(logits, dim=1))
+        exp_counts = routing_map.sum(0).detach()
+        plan = self._plan(scores, routing_map, used_token)
+        capacity = self._buffer_capacity(plan)
+        new_map, weights = plan.routing_map, plan.probs.float()
+        # Slot of every planned (token, expert) in its expert's buffer: token order.
+        slots = torch.cumsum(new_map.long(), dim=0) - 1
+        if not sparse_routes:
+            num_slots = int(capacity)
+            one_hot = F.one_hot(torch.where(new_map, slots, 0), num_classes=num_slots).float()
+            combine_weights = (weights * new_map).unsqueeze(-1) * one_hot  # [S, E, C]
+            return l_aux, combine_weights, combine_weights.bool(), exp_counts
+        routes = int(new_map.sum(1).max()) if new_map.shape[0] else 0
+        order = torch.sort(new_map.to(torch.int8), dim=1, descending=True, stable=True)
+        experts = order.indices[:, :routes]  # [S, R]: each token's planned experts first
+        kept = order.values[:, :routes].bool()
+        indices = torch.where(kept, experts, -1).t().contiguous().to(torch.int32)
+        locations = (slots.gather(1, experts) * kept).t().contiguous().to(torch.int32)
+        gates = (weights.gather(1, experts) * kept).t().contiguous()
+        return l_aux, capacity, self.num_experts, indices, locations, gates, exp_counts
