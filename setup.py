@@ -12,7 +12,7 @@ EXTRAS = {
     "megatron": ["megatron-core>=0.19,<0.20", "numpy", "packaging>=24.2"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
     "triton": ["triton>=3.4"],
-    "wandb": ["wandb>=0.20"],
+    "wandb": ["wandb>=0.20", "numpy", "pillow"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -20,6 +20,7 @@ from ._compat import patch_typing_override
 from .arguments import add_capaware_args, compose_args_providers, validate_capaware_args
 from .config import set_default_capacity_config
 from .install import _replace, install
+from .training_hooks import install_monitor_hooks
 
 
 def install_training_hooks() -> None:
@@ -34,6 +35,7 @@ def install_training_hooks() -> None:
         provider = compose_args_providers(extra_args_provider, add_capaware_args)
         args = original(provider, ignore_unknown_args)
         set_default_capacity_config(validate_capaware_args(args))
+        install_monitor_hooks(args)
         return args
 
     _replace(arguments, "parse_args", parse_args)

@@ -1,0 +1,187 @@
+"""Where load statistics go: console, JSON lines, W&B, TensorBoard, DeepSpeed's monitor.
+
+Every sink has ``log(metrics, step, loads)``: scalar metrics keyed ``capaware/...``, the step,
+and (when per-expert logging is on) ``loads = {"before": [L, E], "after": [L, E]}``.
+A sink that fails (W&B not installed, offline, bad key, network down) warns once and goes quiet:
+monitoring never stops a job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Mapping, Optional, TextIO
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Loads = Optional[Mapping[str, torch.Tensor]]
+
+
+class _FailSoft:
+    """Mixin: the first exception disables the sink with one warning."""
+
+    disabled = False
+
+    def _fail(self, what: str, err: BaseException) -> None:
+        if not self.disabled:
+            warnings.warn(f"capaware monitor: {what} failed ({type(err).__name__}: {err}); "
+                          "continuing without it", RuntimeWarning, stacklevel=3)
+        self.disabled = True
+
+
+class ConsoleSink:
+    """One summary line per report."""
+
+    def __init__(self, stream: Optional[TextIO] = None) -> None:
+        self.stream = stream
+
+    def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        def get(name: str) -> float:
+            return metrics.get(f"capaware/{name}", float("nan"))
+
+        print(
+            f"[capaware] step {step}: straggler {get('straggler_expert_before'):.2f} -> "
+            f"{get('straggler_expert_after'):.2f} per expert, {get('straggler_rank_before'):.2f} -> "
+            f"{get('straggler_rank_after'):.2f} per rank; dropped {100 * get('dropped_fraction'):.1f}%, "
+            f"rerouted {100 * get('rerouted_fraction'):.1f}%; projected layer speedup "
+            f"{get('speedup_expert'):.2f}x",
+            file=self.stream or sys.stdout,
+        )
+
+
+class JsonlSink:
+    """Appends one JSON object per report: {"step", metrics..., optional loads}."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        record: dict[str, Any] = {"step": step, **metrics}
+        if loads:
+            record["loads"] = {k: v.tolist() for k, v in loads.items()}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class WandbSink(_FailSoft):
+    """W&B scalars under capaware/; per-expert histograms and a layer x expert heatmap.
+
+    Args:
+        run: a wandb run, or Megatron's W&B writer; None uses the active run or starts one with
+            `init_kwargs` (project, mode="offline", dir, ...) at the first report.
+    """
+
+    def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
+        self.run = run
+        self.init_kwargs = init_kwargs
+
+    def _run(self):
+        if self.run is None:
+            import wandb
+
+            self.run = wandb.run or wandb.init(**self.init_kwargs)
+        return self.run
+
+    def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        if self.disabled:
+            return
+        try:
+            run = self._run()
+            payload: dict[str, Any] = dict(metrics)
+            if loads:
+                payload.update(self._per_expert(loads))
+            run.log(payload, step=step)
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not stop the job
+            self._fail("W&B logging", err)
+
+    @staticmethod
+    def _per_expert(loads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        import wandb
+
+        from .heatmap import load_heatmap
+
+        out: dict[str, Any] = {}
+        for layer, (before, after) in enumerate(zip(loads["before"], loads["after"])):
+            out[f"capaware/layer_{layer}/tokens_per_expert_before"] = wandb.Histogram(
+                np_histogram=_bars(before))
+            out[f"capaware/layer_{layer}/tokens_per_expert_after"] = wandb.Histogram(
+                np_histogram=_bars(after))
+        out["capaware/load_heatmap"] = wandb.Image(
+            load_heatmap(loads["before"], loads["after"]),
+            caption="tokens per expert / mean, layers x experts: before | after the plan",
+        )
+        return out
+
+    def finish(self) -> None:
+        if self.run is not None and hasattr(self.run, "finish"):
+            try:
+                self.run.finish()
+            except Exception as err:  # noqa: BLE001
+                self._fail("W&B finish", err)
+
+
+def _bars(load: torch.Tensor):
+    """A load vector as a histogram over expert indices (one bin per expert, height = load)."""
+    edges = [float(i) for i in range(load.numel() + 1)]
+    return [float(x) for x in load], edges
+
+
+class TensorBoardSink(_FailSoft):
+    """Scalars (and per-expert histograms) through a SummaryWriter or Megatron's writer."""
+
+    def __init__(self, writer: Any = None, log_dir: Optional[str] = None) -> None:
+        self.writer = writer
+        self.log_dir = log_dir
+
+    def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        if self.disabled:
+            return
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=self.log_dir)
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+            for stage, table in (loads or {}).items():
+                for layer, load in enumerate(table):
+                    self.writer.add_histogram(f"capaware/layer_{layer}/tokens_per_expert_{stage}", load, step)
+        except Exception as err:  # noqa: BLE001
+            self._fail("TensorBoard logging", err)
+
+
+class DeepSpeedMonitorSink(_FailSoft):
+    """DeepSpeed's own monitor (the "tensorboard" / "wandb" / "csv_monitor" config sections)."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        if self.disabled or not getattr(self.monitor, "enabled", False):
+            return
+        try:
+            self.monitor.write_events([(name, value, step) for name, value in metrics.items()])
+        except Exception as err:  # noqa: BLE001
+            self._fail("DeepSpeed monitor", err)
+
+
+def megatron_sinks() -> list[Any]:
+    """Megatron-LM's TensorBoard and W&B writers, when running under megatron.training."""
+    try:
+        from megatron.training import global_vars
+    except Exception:  # noqa: BLE001 - not running under megatron.training
+        return []
+    sinks: list[Any] = []
+    tensorboard = getattr(global_vars, "_GLOBAL_TENSORBOARD_WRITER", None)
+    wandb_writer = getattr(global_vars, "_GLOBAL_WANDB_WRITER", None)
+    if tensorboard is not None:
+        sinks.append(TensorBoardSink(tensorboard))
+    if wandb_writer is not None:
+        sinks.append(WandbSink(wandb_writer))
+    return sinks

@@ -1,0 +1,267 @@
+"""Load monitor: statistics of a known routing, W&B offline records read back, the reduction
+over 1/2/4 ranks with one collective per logging step, fail-soft sinks, framework wiring."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from distributed import run_distributed
+
+from capaware_megatron.monitor import ConsoleSink, JsonlSink, LoadTracker, WandbSink
+from capaware_megatron.monitor.heatmap import load_heatmap, write_png
+from capaware_megatron.planner import RoutingPlan
+
+E = 4
+# Two layers, two steps of known loads (the whole job's batch).
+BEFORE = torch.tensor([[[8, 4, 2, 2], [4, 4, 4, 4]], [[10, 2, 2, 2], [6, 6, 2, 2]]])
+AFTER = torch.tensor([[[4, 4, 2, 2], [4, 4, 4, 4]], [[4, 2, 2, 2], [5, 5, 2, 2]]])
+DROPPED = AFTER.sum(-1) - BEFORE.sum(-1)  # negative of what was lost
+CAPACITY = 4
+
+
+def _plan(before, after, rerouted=0):
+    lost = int(before.sum() - after.sum()) + rerouted
+    return RoutingPlan(
+        routing_map=torch.zeros(0, E, dtype=torch.bool), probs=torch.zeros(0, E), capacity=CAPACITY,
+        tokens_per_expert_before=before.long(), tokens_per_expert_after=after.long(),
+        num_dropped=torch.tensor(lost - rerouted), num_rerouted=torch.tensor(rerouted),
+    )
+
+
+def _expected_layer(layer):
+    """Hand-computed averages over the two steps (straggler = max / mean)."""
+    b, a = BEFORE[:, layer].double(), AFTER[:, layer].double()
+    straggler_b = (b.max(1).values / b.mean(1)).mean()
+    straggler_a = (a.max(1).values / a.mean(1)).mean()
+    dropped = ((b.sum(1) - a.sum(1)) / b.sum(1)).mean()
+    speedup = (b.max(1).values / a.max(1).values).mean()
+    return dict(straggler_expert_before=float(straggler_b), straggler_expert_after=float(straggler_a),
+                dropped_fraction=float(dropped), speedup_expert=float(speedup))
+
+
+def _feed(tracker, share=1.0, steps=2):
+    for step in range(steps):
+        for layer in range(2):
+            tracker.record(layer, _plan(BEFORE[step % 2, layer] * share, AFTER[step % 2, layer] * share))
+        tracker.step(step + 1)
+
+
+def test_known_routing_statistics_and_wandb_record(tmp_path):
+    wandb_dir = tmp_path / "wandb"
+    wandb_dir.mkdir()
+    sink = WandbSink(project="capaware-test", mode="offline", dir=str(wandb_dir))
+    jsonl = tmp_path / "stats.jsonl"
+    tracker = LoadTracker(2, E, expert_to_rank=[0, 0, 1, 1], interval=2, per_expert=True,
+                          sinks=[sink, JsonlSink(str(jsonl))])
+    _feed(tracker)
+    sink.finish()
+    import wandb
+
+    wandb.teardown()
+    record = json.loads(jsonl.read_text().splitlines()[-1])
+    for layer in range(2):
+        for name, value in _expected_layer(layer).items():
+            assert record[f"capaware/layer_{layer}/{name}"] == pytest.approx(value), (layer, name)
+    assert record["capaware/straggler_expert_before"] == pytest.approx(
+        (_expected_layer(0)["straggler_expert_before"] + _expected_layer(1)["straggler_expert_before"]) / 2)
+    total_lost = float((BEFORE.sum(-1) - AFTER.sum(-1)).sum())
+    assert record["capaware/dropped_fraction"] == pytest.approx(total_lost / float(BEFORE.sum()))
+    # Per-device: experts {0,1} and {2,3}; step 1 of layer 0 is 12 vs 4 tokens.
+    assert record["capaware/layer_0/straggler_rank_before"] == pytest.approx(((12 / 8) + (12 / 8)) / 2)
+    assert record["loads"]["before"][0] == pytest.approx(BEFORE[:, 0].double().mean(0).tolist())
+
+    run_file = next(wandb_dir.rglob("*.wandb"))
+    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:  # older CLIs: the binary only
+        out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "leet", "inspect",
+                              "--json", str(run_file)], capture_output=True, text=True, timeout=120)
+    history = [json.loads(line)["history"]["item"] for line in out.stdout.splitlines()
+               if '"type":"history"' in line]
+    assert history, out.stderr[-2000:]
+    logged = history[-1]
+    assert logged["_step"] == 2
+    for layer in range(2):
+        for name, value in _expected_layer(layer).items():
+            assert logged[f"capaware/layer_{layer}/{name}"] == pytest.approx(value)
+    assert logged["capaware/load_heatmap._type"] == "image-file"
+    assert logged["capaware/load_heatmap.width"] == 2 * E * 12 + 6
+    assert logged["capaware/layer_1/tokens_per_expert_after._type"] == "histogram"
+    assert logged["capaware/layer_1/tokens_per_expert_after.values"] == pytest.approx(
+        AFTER[:, 1].double().mean(0).tolist())
+
+
+def _reduce_on_ranks(rank, world_size, steps):
+    calls = []
+    original = torch.distributed.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    torch.distributed.all_reduce = counting
+    tracker = LoadTracker(2, E, expert_to_rank=[0, 0, 1, 1], interval=2)
+    # Each rank holds an equal share of every step's tokens.
+    metrics = []
+    for step in range(steps):
+        for layer in range(2):
+            share = 4 // world_size  # summed over the ranks: 4x the loads in every layout
+            tracker.record(layer, _plan(BEFORE[step % 2, layer] * share, AFTER[step % 2, layer] * share))
+        metrics.append(tracker.step(step + 1))
+    return metrics, len(calls)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_reduction_is_layout_independent_with_one_collective_per_log(world_size):
+    results = run_distributed(_reduce_on_ranks, world_size, 4)
+    metrics, calls = results[0]
+    assert calls == (2 if world_size > 1 else 0)  # steps 2 and 4 log; steps 1 and 3 do not
+    assert metrics[0] is None and metrics[2] is None
+    assert all(r[0][1] is None for r in results[1:])  # only the logging rank reports
+    for layer in range(2):
+        for name, value in _expected_layer(layer).items():
+            assert metrics[1][f"capaware/layer_{layer}/{name}"] == pytest.approx(value)
+            assert metrics[3][f"capaware/layer_{layer}/{name}"] == pytest.approx(value)
+
+
+def test_wandb_failures_warn_once_and_the_job_goes_on(monkeypatch, capsys):
+    import wandb
+
+    def broken_init(**_kwargs):
+        raise wandb.errors.CommError("network down")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    monkeypatch.setattr(wandb, "run", None)
+    tracker = LoadTracker(2, E, interval=1, sinks=[WandbSink(project="x"), ConsoleSink()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _feed(tracker, steps=3)
+    messages = [str(w.message) for w in caught if "capaware monitor" in str(w.message)]
+    assert len(messages) == 1 and "network down" in messages[0]
+    assert capsys.readouterr().out.count("[capaware] step") == 3
+
+
+def test_wandb_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    tracker = LoadTracker(2, E, interval=1, sinks=[WandbSink(project="x")])
+    with pytest.warns(RuntimeWarning, match="W&B logging failed"):
+        _feed(tracker, steps=1)
+
+
+def test_heatmap_png(tmp_path):
+    image = load_heatmap(BEFORE[0].double(), AFTER[0].double())
+    assert image.shape == (2 * 12, 2 * E * 12 + 6, 3) and image.dtype.name == "uint8"
+    path = tmp_path / "heatmap.png"
+    write_png(image, str(path))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == image.shape[1]
+
+
+def test_tracker_errors():
+    with pytest.raises(ValueError, match="interval must be >= 0"):
+        LoadTracker(1, E, interval=-1)
+    with pytest.raises(ValueError, match="expert_to_rank must have 4 entries"):
+        LoadTracker(1, E, expert_to_rank=[0, 1])
+    tracker = LoadTracker(1, E)
+    with pytest.raises(ValueError, match="layer must be in"):
+        tracker.record(3, _plan(BEFORE[0, 0], AFTER[0, 0]))
+
+
+def _megatron_monitored(rank, world_size, tmp):
+    import megatron_harness as mh
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.monitor import attach_megatron
+
+    layout = mh.Layout(ep=2, world_size=2)
+    mh.setup(layout)
+    tracker = LoadTracker(num_layers=1, num_experts=mh.EXPERTS, expert_to_rank=[e // 4 for e in range(8)],
+                          interval=2, sinks=[JsonlSink(os.path.join(tmp, f"rank{rank}.jsonl"))])
+    layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0)).eval()
+    assert attach_megatron([layer], tracker) == 1
+    totals = torch.zeros(3)
+    for step in range(2):
+        with torch.no_grad():
+            layer(mh.local_input(20 + rank, seed=step * 10 + rank))
+        plan = layer.token_dispatcher.last_plan
+        totals += torch.tensor([float(plan.num_dropped), float(plan.tokens_per_expert_before.sum()), 1.0])
+        tracker.step()
+    return totals
+
+
+def test_megatron_layers_feed_the_tracker(tmp_path):
+    totals = sum(run_distributed(_megatron_monitored, 2, str(tmp_path)))
+    assert not (tmp_path / "rank1.jsonl").exists()  # one rank logs
+    record = json.loads((tmp_path / "rank0.jsonl").read_text())
+    assert record["step"] == 2
+    assert record["capaware/dropped_fraction"] == pytest.approx(float(totals[0] / totals[1]))
+    assert record["capaware/layer_0/dropped_fraction"] > 0
+
+
+def _deepspeed_monitored(rank, world_size, tmp):
+    import deepspeed_harness as dh
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.deepspeed import apply
+    from capaware_megatron.monitor import attach_deepspeed
+
+    dh.setup()
+    layers = torch.nn.ModuleList([dh.moe_layer(2, 2), dh.moe_layer(2, 2)]).eval()
+    apply(layers, {"capacity_aware": {"capacity_factor": 1.0, "policy": "reroute"}})
+    tracker = LoadTracker(2, dh.EXPERTS, expert_to_rank=[e // 4 for e in range(8)], interval=1,
+                          sinks=[JsonlSink(os.path.join(tmp, f"rank{rank}.jsonl"))])
+    assert attach_deepspeed(layers, tracker) == 2
+    with torch.no_grad():
+        x = dh.local_tokens(rank, 24)
+        for layer in layers:
+            x = layer(x)[0]
+    return tracker.step()
+
+
+def test_deepspeed_gates_feed_the_tracker(tmp_path):
+    metrics = run_distributed(_deepspeed_monitored, 2, str(tmp_path), env={"DS_ACCELERATOR": "cpu"})[0]
+    assert metrics["capaware/rerouted_fraction"] > 0
+    assert metrics["capaware/layer_1/max_tokens_after"] <= metrics["capaware/layer_1/capacity"] * 2
+
+
+def _training_loop_hooks(rank, world_size):
+    import argparse
+    import io
+    from contextlib import redirect_stdout
+
+    import megatron_harness as mh
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.megatron import uninstall
+    from capaware_megatron.megatron._compat import patch_typing_override
+    from capaware_megatron.megatron.training_hooks import install_monitor_hooks
+
+    layout = mh.Layout(world_size=1)
+    mh.setup(layout)
+    patch_typing_override()
+    from megatron.training import training
+
+    layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0, apply_in_training=True))
+    # Stand-ins for Megatron-LM's loop pieces: the hooks wrap whatever the module holds.
+    training.setup_model_and_optimizer = lambda *a, **kw: ([layer], None, None)
+    training.train_step = lambda *a, **kw: layer(mh.local_input(16, seed=len(kw)))
+    args = argparse.Namespace(capaware_log_interval=2, capaware_log_per_expert=False, num_layers=1,
+                              num_experts=mh.EXPERTS, expert_model_parallel_size=1, curr_iteration=7)
+    install_monitor_hooks(args)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        model, _, _ = training.setup_model_and_optimizer()
+        for _ in range(4):
+            training.train_step()
+    uninstall()
+    return out.getvalue()
+
+
+def test_megatron_training_loop_hooks():
+    printed = run_distributed(_training_loop_hooks, 1)[0]
+    assert printed.count("[capaware] step 7") == 2  # steps 2 and 4 report, at Megatron's iteration
+    assert "dropped" in printed
