@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo train bench clean
 
 setup: $(STAMP)
 
@@ -24,10 +24,14 @@ test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m capaware_megatron.demo
+	$(PY) examples/tiny_moe/demo.py
+
+train: setup
+	$(PY) examples/tiny_moe/train.py --steps 1200 --batch-size 32 --seed 1234
 
 bench: setup
-	$(PY) -m capaware_megatron.bench
+	$(PY) examples/benchmarks/bench_moe_layer.py
+	$(PY) examples/benchmarks/bench_planner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,6 +18,7 @@ caller needs only the per-bin top-C keys of every rank to reproduce the single-p
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
 import sys
 from types import ModuleType
 from typing import Optional, Sequence, Union
@@ -243,6 +244,11 @@ def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
     """The module computing keys and thresholds: this one (torch) or the Triton kernels."""
     if backend == "torch" or (backend == "auto" and not scores.is_cuda):
         return sys.modules[__name__]
+    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (scores are on {scores.device}); "
+            "on CPU use backend='torch' or 'auto', or TRITON_INTERPRET=1 for the interpreter"
+        )
     try:
         from . import kernels
     except ImportError as err:

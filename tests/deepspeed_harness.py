@@ -14,7 +14,7 @@ HIDDEN, FFN, EXPERTS = 12, 20, 8
 
 
 def setup() -> None:
-    """DeepSpeed's comm on top of the gloo group run_distributed made (shm op build skipped)."""
+    """DeepSpeed's comm on top of the gloo group run_gloo made (shm op build skipped)."""
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -1,6 +1,6 @@
 """Worker-side helpers of the Megatron tests: parallel set-up, MoE layers with distinct experts.
 
-Every function here runs inside a gloo rank started by distributed.run_distributed.
+Every function here runs inside a gloo rank started by capaware_megatron.multiprocess.run_gloo.
 """
 
 from __future__ import annotations

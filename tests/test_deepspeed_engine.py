@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed
+from capaware_megatron.multiprocess import run_gloo
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")
@@ -32,11 +32,11 @@ class _Net(torch.nn.Module):
         return self.out(y).mean() + 0.01 * l_aux
 
 
-def _engine_run(rank, world_size, stage, apply_before):
+def _engine_run(rank, world_size, stage, apply_before, tmp):
     import deepspeed
     import deepspeed_harness as dh
 
-    from capaware_megatron.deepspeed import CapacityAwareGate, apply
+    from capaware_megatron.deepspeed import CapacityAwareGate, apply, tracker_from_ds_config
 
     dh.setup()
     torch.manual_seed(0)
@@ -45,6 +45,9 @@ def _engine_run(rank, world_size, stage, apply_before):
     config["zero_optimization"]["stage"] = stage
     config["train_micro_batch_size_per_gpu"] = 1
     config["capacity_aware"].update(apply_in_training=True, capacity_factor=1.0, min_capacity=0)
+    config["capacity_aware"]["log"].update(interval=3, jsonl=None)
+    # DeepSpeed's own monitor receives the load statistics.
+    config["csv_monitor"] = {"enabled": True, "output_path": tmp, "job_name": f"stage{stage}"}
     model = _Net(ep_size=world_size, k=2)
     if apply_before:
         apply(model, config)
@@ -54,6 +57,7 @@ def _engine_run(rank, world_size, stage, apply_before):
         apply(engine, config)
     gate = engine.module.moe.deepspeed_moe.gate
     assert isinstance(gate, CapacityAwareGate) and gate.wg.weight is router
+    tracker = tracker_from_ds_config(engine, config)
     before = router.detach().clone()
     losses = []
     for step in range(3):
@@ -61,6 +65,7 @@ def _engine_run(rank, world_size, stage, apply_before):
         loss = engine(x)
         engine.backward(loss)
         engine.step()
+        tracker.step(step + 1)
         losses.append(float(loss))
     trained = not torch.equal(before, engine.module.moe.deepspeed_moe.gate.wg.weight.detach())
     engine.eval()
@@ -71,8 +76,10 @@ def _engine_run(rank, world_size, stage, apply_before):
 
 @pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("apply_before", [True, False])
-def test_training_and_inference_under_deepspeed_initialize(stage, apply_before):
-    results = run_distributed(_engine_run, 2, stage, apply_before, env=ENV)
+def test_training_and_inference_under_deepspeed_initialize(stage, apply_before, tmp_path):
+    results = run_gloo(_engine_run, 2, stage, apply_before, str(tmp_path), env=ENV)
+    written = {p.name for p in tmp_path.rglob("*.csv")}
+    assert any("capaware" in name and "straggler_expert_before" in name for name in written), written
     for losses, trained, eval_loss, dropped in results:
         assert all(torch.isfinite(torch.tensor(losses)))
         assert trained, "the router weights must keep training after the gate swap"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from distributed import run_distributed
+from capaware_megatron.multiprocess import run_gloo
 from reference import reference_plan
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -72,7 +72,7 @@ def _gate_checks(rank, world_size, ep_size):
 def test_gate_against_deepspeed_and_reference(world_size, ep_size):
     import deepspeed_harness as dh
 
-    per_rank = run_distributed(_gate_checks, world_size, ep_size, env=ENV)
+    per_rank = run_gloo(_gate_checks, world_size, ep_size, env=ENV)
     moved = sum(int(r["out"][("drop", 2)][1].num_dropped) + int(r["out"][("reroute", 2)][1].num_rerouted) for r in per_rank)
     assert moved > 0, "no overflow: the capacity paths were not exercised"
     for rank, result in enumerate(per_rank):
@@ -92,3 +92,40 @@ def test_gate_against_deepspeed_and_reference(world_size, ep_size):
                 torch.testing.assert_close(y, dh.dense_moe(x, ref_probs), msg=f"rank {rank} k={k} {name}")
             grad, finite = result["out"][("train", k)]
             assert finite and torch.isfinite(grad).all()
+
+
+def _dense_and_monitor(rank, world_size, tmp):
+    import deepspeed_harness as dh
+
+    from capaware_megatron.deepspeed import apply, tracker_from_ds_config
+
+    dh.setup()
+    layer = dh.moe_layer(world_size, 2).eval()
+    config = {"capacity_aware": {"capacity_factor": 1.0, "policy": "reroute",
+                                 "log": {"interval": 1, "wandb": False, "tensorboard": False,
+                                         "jsonl": f"{tmp}/rank{rank}.jsonl"}}}
+    (gate,) = apply(layer, config)
+    tracker = tracker_from_ds_config(layer, config)
+    x = dh.local_tokens(rank, 20).reshape(-1, dh.HIDDEN)
+    with torch.no_grad():
+        l_aux, capacity, num_experts, indices, locations, gates, counts = gate(x, sparse_routes=True)
+        l_aux_dense, combine, dispatch, counts_dense = gate(x, sparse_routes=False)
+        layer(x.unsqueeze(0))
+    metrics = tracker.step()
+    # The dense form holds the same (token, expert, slot, weight) entries as the sparse routes.
+    sparse = torch.zeros_like(combine)
+    for route in range(indices.shape[0]):
+        kept = indices[route] >= 0
+        tokens = torch.arange(x.shape[0])[kept]
+        sparse[tokens, indices[route][kept].long(), locations[route][kept].long()] = gates[route][kept]
+    return (torch.equal(sparse, combine), torch.equal(dispatch, combine.bool()), float(l_aux) == float(l_aux_dense),
+            int(capacity) == combine.shape[2], metrics)
+
+
+def test_dense_form_and_monitor_from_the_config(tmp_path):
+    results = run_gloo(_dense_and_monitor, 2, str(tmp_path), env=ENV)
+    for same, mask, aux, cap, _ in results:
+        assert same and mask and aux and cap
+    metrics = results[0][4]
+    assert metrics["capaware/layer_0/capacity"] > 0 and "capaware/rerouted_fraction" in metrics
+    assert (tmp_path / "rank0.jsonl").exists() and not (tmp_path / "rank1.jsonl").exists()

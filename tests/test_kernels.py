@@ -129,3 +129,10 @@ def test_kernel_input_errors():
         kernels.assignment_keys(scores, routing_map, "probs")
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         kernels.bin_thresholds(torch.zeros(4, 8, dtype=torch.int64), torch.arange(8).view(8, 1), 0)
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    scores, routing_map = skewed_routing(8, 4, 2)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        plan_routing(scores, routing_map, CapacityConfig(1.0, backend="triton"))

@@ -8,7 +8,7 @@ must equal scope local, policy drop), and the single-process planner on the gath
 
 import pytest
 import torch
-from distributed import run_distributed
+from capaware_megatron.multiprocess import run_gloo
 from megatron_harness import Layout
 
 from capaware_megatron import CapacityConfig, plan_routing
@@ -132,7 +132,7 @@ def _dispatcher_checks(rank, world_size, layout):
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout_run(request):
     layout = LAYOUTS[request.param]
-    return request.param, layout, run_distributed(_dispatcher_checks, layout.world_size, layout)
+    return request.param, layout, run_gloo(_dispatcher_checks, layout.world_size, layout)
 
 
 def test_equivalences(layout_run):
@@ -214,7 +214,7 @@ def _pipeline_checks(rank, world_size, layout):
 
 def test_pipeline_parallel_pp2_ep2():
     layout = Layout(pp=2, ep=2, world_size=4)
-    per_rank = run_distributed(_pipeline_checks, layout.world_size, layout)
+    per_rank = run_gloo(_pipeline_checks, layout.world_size, layout)
     for rank, result in enumerate(per_rank):
         for a, b in [("stock", "dropless"), ("megatron_drop", "ours_drop")]:
             loss_a, grads_a = result[a]

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from distributed import run_distributed
+from capaware_megatron.multiprocess import run_gloo
 
 from capaware_megatron.monitor import ConsoleSink, JsonlSink, LoadTracker, WandbSink
 from capaware_megatron.monitor.heatmap import load_heatmap, write_png
@@ -117,7 +117,7 @@ def _reduce_on_ranks(rank, world_size, steps):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_reduction_is_layout_independent_with_one_collective_per_log(world_size):
-    results = run_distributed(_reduce_on_ranks, world_size, 4)
+    results = run_gloo(_reduce_on_ranks, world_size, 4)
     metrics, calls = results[0]
     assert calls == (2 if world_size > 1 else 0)  # steps 2 and 4 log; steps 1 and 3 do not
     assert metrics[0] is None and metrics[2] is None
@@ -194,7 +194,7 @@ def _megatron_monitored(rank, world_size, tmp):
 
 
 def test_megatron_layers_feed_the_tracker(tmp_path):
-    totals = sum(run_distributed(_megatron_monitored, 2, str(tmp_path)))
+    totals = sum(run_gloo(_megatron_monitored, 2, str(tmp_path)))
     assert not (tmp_path / "rank1.jsonl").exists()  # one rank logs
     record = json.loads((tmp_path / "rank0.jsonl").read_text())
     assert record["step"] == 2
@@ -223,7 +223,7 @@ def _deepspeed_monitored(rank, world_size, tmp):
 
 
 def test_deepspeed_gates_feed_the_tracker(tmp_path):
-    metrics = run_distributed(_deepspeed_monitored, 2, str(tmp_path), env={"DS_ACCELERATOR": "cpu"})[0]
+    metrics = run_gloo(_deepspeed_monitored, 2, str(tmp_path), env={"DS_ACCELERATOR": "cpu"})[0]
     assert metrics["capaware/rerouted_fraction"] > 0
     assert metrics["capaware/layer_1/max_tokens_after"] <= metrics["capaware/layer_1/capacity"] * 2
 
@@ -262,6 +262,39 @@ def _training_loop_hooks(rank, world_size):
 
 
 def test_megatron_training_loop_hooks():
-    printed = run_distributed(_training_loop_hooks, 1)[0]
+    printed = run_gloo(_training_loop_hooks, 1)[0]
     assert printed.count("[capaware] step 7") == 2  # steps 2 and 4 report, at Megatron's iteration
     assert "dropped" in printed
+
+
+class _Writer:
+    """Records what a TensorBoard-style writer receives."""
+
+    def __init__(self):
+        self.scalars, self.histograms = {}, {}
+
+    def add_scalar(self, name, value, step):
+        self.scalars[(name, step)] = value
+
+    def add_histogram(self, name, values, step):
+        self.histograms[(name, step)] = values
+
+
+def test_tensorboard_and_megatron_writers(monkeypatch):
+    from capaware_megatron.monitor import TensorBoardSink, megatron_sinks
+    from capaware_megatron.megatron._compat import patch_typing_override
+
+    writer = _Writer()
+    tracker = LoadTracker(2, E, interval=2, per_expert=True, sinks=[TensorBoardSink(writer)])
+    _feed(tracker)
+    assert writer.scalars[("capaware/layer_0/dropped_fraction", 2)] == pytest.approx(
+        _expected_layer(0)["dropped_fraction"])
+    assert ("capaware/layer_1/tokens_per_expert_after", 2) in writer.histograms
+
+    patch_typing_override()
+    from megatron.training import global_vars
+
+    monkeypatch.setattr(global_vars, "_GLOBAL_TENSORBOARD_WRITER", writer, raising=False)
+    monkeypatch.setattr(global_vars, "_GLOBAL_WANDB_WRITER", None, raising=False)
+    sinks = megatron_sinks()
+    assert len(sinks) == 1 and isinstance(sinks[0], TensorBoardSink) and sinks[0].writer is writer

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from distributed import run_distributed
+from capaware_megatron.multiprocess import run_gloo
 from reference import reference_plan
 from capaware_megatron.synthetic import skewed_routing
 
@@ -52,7 +52,7 @@ def test_global_scope_equals_single_process(world_size):
         for priority in ["score", "random"]
     ] + [CapacityConfig(0.75, policy="reroute", scope="global", priority="position")]
     scores, routing_map, local, expert_to_rank = _batch(world_size)
-    per_rank = run_distributed(_plan_on_rank, world_size, configs)
+    per_rank = run_gloo(_plan_on_rank, world_size, configs)
     for i, cfg in enumerate(configs):
         results = [r[i] for r in per_rank]
         got_map = torch.cat([r[0] for r in results])

@@ -8,7 +8,14 @@ DeepSpeed is imported lazily: importing this package needs only torch.
 
 from .config import SECTION, CapacityAwareSection, parse_section
 
-__all__ = ["SECTION", "CapacityAwareGate", "CapacityAwareSection", "apply", "parse_section"]
+__all__ = [
+    "SECTION",
+    "CapacityAwareGate",
+    "CapacityAwareSection",
+    "apply",
+    "parse_section",
+    "tracker_from_ds_config",
+]
 
 
 def _require_deepspeed() -> None:
@@ -28,6 +35,16 @@ def apply(model_or_engine, ds_config):
 
 
 apply.__doc__ = "Swap every DeepSpeed-MoE gate for a CapacityAwareGate (see apply.apply)."
+
+
+def tracker_from_ds_config(model_or_engine, ds_config, **wandb_init):
+    _require_deepspeed()
+    from .monitoring import tracker_from_ds_config as _tracker
+
+    return _tracker(model_or_engine, ds_config, **wandb_init)
+
+
+tracker_from_ds_config.__doc__ = "A LoadTracker from the config's capacity_aware.log (see monitoring)."
 
 
 def __getattr__(name: str):

@@ -1,4 +1,8 @@
-"""One helper that runs a function on N gloo processes and returns what each rank returned."""
+"""Run a function on N gloo processes on this machine and return what each rank returned.
+
+Used by the CPU demo, the CPU benchmarks and every distributed test: torch.distributed with gloo
+stands in for a multi-GPU job on a machine without GPUs.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ def _next_report(queue, procs, deadline: float):
                 raise RuntimeError(f"distributed run failed: a rank ended without a result ({reason})")
 
 
-def run_distributed(
+def run_gloo(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
