@@ -137,19 +137,17 @@ def plan_routing(
         thresholds = ops.bin_thresholds(keys, bins.experts, capacity)
     else:
         thresholds = _group_thresholds(keys, bins, capacity, global_group)
-    keep = candidates & (keys >= thresholds[bins.expert_to_bin])
-
+    new_map, new_probs, tokens_after = ops.apply_thresholds(
+        keys, thresholds, bins.expert_to_bin, routing_map, probs, scores
+    )
     if cfg.policy == "reroute":
         rerouted = _reroute(
-            scores, routing_map, keep, keys, bins, capacity, global_group, token_offset
+            scores, routing_map, new_map, keys, bins, capacity, global_group, token_offset
         )
-        new_map = keep | rerouted
-    else:
-        new_map = keep
+        new_map = new_map | rerouted
+        new_probs = torch.where(rerouted, scores.to(probs.dtype), new_probs)
+        tokens_after = tokens_after + rerouted.sum(0, dtype=torch.int64)
     added = new_map & ~routing_map
-    new_probs = torch.where(
-        routing_map, probs, scores.to(probs.dtype)
-    ).masked_fill(~new_map, 0)
     if cfg.renormalize:
         new_probs = _renormalize(new_probs, probs)
     num_rerouted = added.sum(dtype=torch.int64)
@@ -159,7 +157,7 @@ def plan_routing(
         probs=new_probs,
         capacity=capacity,
         tokens_per_expert_before=tokens_before,
-        tokens_per_expert_after=new_map.sum(0, dtype=torch.int64),
+        tokens_per_expert_after=tokens_after,
         num_dropped=lost - num_rerouted if cfg.policy == "reroute" else lost,
         num_rerouted=num_rerouted,
     )
@@ -225,6 +223,24 @@ def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int)
     Keys are unique, so ``key >= threshold`` keeps exactly min(capacity, load) per bin.
     """
     return _top_keys(_bin_major(keys, bin_experts), capacity)[:, capacity - 1]
+
+
+def apply_thresholds(
+    keys: torch.Tensor,
+    thresholds: torch.Tensor,
+    expert_to_bin: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor,
+    scores: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep [T, E] bool, weights [T, E], kept per expert [E] int64).
+
+    Candidates (keys above NOT_ROUTED) at or above their bin's threshold are kept; router picks
+    keep the router weight, other candidates (expanded drop's local experts) take their score.
+    """
+    keep = (keys >= thresholds[expert_to_bin]) & (keys != NOT_ROUTED)
+    weights = torch.where(routing_map, probs, scores.to(probs.dtype)).masked_fill(~keep, 0)
+    return keep, weights, keep.sum(0, dtype=torch.int64)
 
 
 def _group_thresholds(

@@ -12,6 +12,6 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
     ) from err
 
 from .permute import permutation_indices
-from .routing_plan import assignment_keys, bin_thresholds
+from .routing_plan import apply_thresholds, assignment_keys, bin_thresholds
 
-__all__ = ["assignment_keys", "bin_thresholds", "permutation_indices"]
+__all__ = ["apply_thresholds", "assignment_keys", "bin_thresholds", "permutation_indices"]

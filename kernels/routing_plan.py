@@ -14,6 +14,11 @@ needs no sort and no tie handling.
                           digits from the top: 16 passes over the bin's T * m keys, each pass a
                           16-bucket histogram of the keys that share the digits found so far.
 
+    K3 _apply_kernel      keys, thresholds, expert_to_bin [E], routing_map, probs, scores
+                          -> keep [T, E] bool, weights [T, E] (router weight for router picks,
+                          score for other candidates, 0 where not kept), kept per expert [E]
+                          int64 (one atomic add per column block). grid (cdiv(T, BLOCK_T),).
+
 The threshold is exact for any key distribution (no sampling, no float rounding), which is what
 makes the Triton plan equal to the torch one and to the single-process plan in global scope.
 """
@@ -133,6 +138,48 @@ def _threshold_kernel(
     tl.store(thresholds_ptr + bin_id, threshold)
 
 
+@triton.jit
+def _apply_kernel(
+    keys_ptr,
+    thresholds_ptr,
+    expert_to_bin_ptr,
+    map_ptr,
+    probs_ptr,
+    scores_ptr,
+    keep_ptr,
+    weights_ptr,
+    counts_ptr,
+    num_tokens,
+    num_experts,
+    stride_mt,
+    stride_me,
+    stride_pt,
+    stride_pe,
+    stride_st,
+    stride_se,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    token = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]
+    in_rows = token < num_tokens
+    for e0 in range(0, num_experts, BLOCK_E):
+        expert = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)[None, :]
+        in_cols = expert < num_experts
+        inside = in_rows & in_cols
+        key = tl.load(keys_ptr + token * num_experts + expert, mask=inside, other=-9223372036854775808)
+        bin_id = tl.load(expert_to_bin_ptr + expert, mask=in_cols, other=0)
+        threshold = tl.load(thresholds_ptr + bin_id, mask=in_cols, other=0)
+        keep = (key >= threshold) & (key != -9223372036854775808) & inside
+        routed = tl.load(map_ptr + token * stride_mt + expert * stride_me, mask=inside, other=0) != 0
+        prob = tl.load(probs_ptr + token * stride_pt + expert * stride_pe, mask=keep & routed, other=0)
+        score = tl.load(scores_ptr + token * stride_st + expert * stride_se, mask=keep & ~routed, other=0)
+        weight = tl.where(routed, prob, score.to(prob.dtype))
+        tl.store(keep_ptr + token * num_experts + expert, keep.to(tl.int8), mask=inside)
+        tl.store(weights_ptr + token * num_experts + expert, tl.where(keep, weight, 0), mask=inside)
+        tl.atomic_add(counts_ptr + expert, tl.sum(keep.to(tl.int64), 0)[None, :], mask=in_cols)
+
+
 def _check_key_inputs(scores: torch.Tensor, candidates: torch.Tensor, token_offset: int) -> None:
     if scores.dim() != 2 or candidates.shape != scores.shape:
         raise ValueError(
@@ -211,3 +258,36 @@ def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int)
         keys, bin_experts, thresholds, num_tokens, num_experts, per_bin, capacity, BLOCK=1024
     )
     return thresholds
+
+
+def apply_thresholds(
+    keys: torch.Tensor,
+    thresholds: torch.Tensor,
+    expert_to_bin: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: torch.Tensor,
+    scores: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of capaware_megatron.planner.apply_thresholds: (keep, weights, kept per expert)."""
+    num_tokens, num_experts = keys.shape
+    if routing_map.shape != keys.shape or probs.shape != keys.shape or scores.shape != keys.shape:
+        raise ValueError("keys, routing_map, probs and scores must all be [T, E]")
+    keys = keys.contiguous()
+    device = keys.device
+    keep = torch.empty(num_tokens, num_experts, dtype=torch.bool, device=device)
+    weights = torch.empty(num_tokens, num_experts, dtype=probs.dtype, device=device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    if num_tokens == 0:
+        return keep, weights, counts
+    map_bytes = routing_map.view(torch.uint8)
+    block_e = min(triton.next_power_of_2(num_experts), 128)
+    block_t = max(1, 4096 // block_e)
+    _apply_kernel[(triton.cdiv(num_tokens, block_t),)](
+        keys, thresholds.contiguous(), expert_to_bin.to(device=device, dtype=torch.int64).contiguous(),
+        map_bytes, probs, scores, keep.view(torch.int8), weights, counts,
+        num_tokens, num_experts,
+        map_bytes.stride(0), map_bytes.stride(1), probs.stride(0), probs.stride(1),
+        scores.stride(0), scores.stride(1),
+        BLOCK_T=block_t, BLOCK_E=block_e,
+    )
+    return keep, weights, counts

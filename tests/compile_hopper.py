@@ -34,6 +34,16 @@ def _permute_args(dtype):
     }
 
 
+def _apply_args(dtype):
+    return {
+        "keys_ptr": "*i64", "thresholds_ptr": "*i64", "expert_to_bin_ptr": "*i64", "map_ptr": "*u8",
+        "probs_ptr": POINTER[dtype], "scores_ptr": POINTER[dtype], "keep_ptr": "*i8",
+        "weights_ptr": POINTER[dtype], "counts_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32",
+        "stride_mt": "i32", "stride_me": "i32", "stride_pt": "i32", "stride_pe": "i32",
+        "stride_st": "i32", "stride_se": "i32",
+    }
+
+
 def variants():
     """(name, kernel, signature, constexprs) of every variant the launchers can produce."""
     for prio, code in routing_plan.PRIORITY_CODES.items():
@@ -45,6 +55,10 @@ def variants():
                     {"PRIORITY": code, "BLOCK_T": 4096 // block_e, "BLOCK_E": block_e},
                 )
     yield "threshold", routing_plan._threshold_kernel, THRESHOLD_ARGS, {"BLOCK": 1024}
+    for dtype in POINTER:
+        for block_e in (1, 128):
+            yield (f"apply-{dtype}-E{block_e}", routing_plan._apply_kernel, _apply_args(dtype),
+                   {"BLOCK_T": 4096 // block_e, "BLOCK_E": block_e})
     for dtype in POINTER:
         yield f"permute-{dtype}", permute._permute_index_kernel, _permute_args(dtype), {"BLOCK_T": 1024}
 

@@ -136,3 +136,24 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     scores, routing_map = skewed_routing(8, 4, 2)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         plan_routing(scores, routing_map, CapacityConfig(1.0, backend="triton"))
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_bin", [1, "all"])
+def test_apply_thresholds_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
+    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0, dtype=dtype)
+    candidates = routing_map.clone()
+    candidates[:, 0] = True  # a local expert: candidates beyond the router's picks
+    probs = (scores * routing_map * 1.7).to(dtype)
+    per_bin = num_experts if per_bin == "all" else per_bin
+    expert_to_bin = torch.arange(num_experts) // per_bin
+    keys = priority.assignment_keys(scores, candidates, "score")
+    bin_experts = torch.argsort(expert_to_bin, stable=True).view(-1, per_bin)
+    capacity = max(1, num_tokens * topk // num_experts)
+    thresholds = planner.bin_thresholds(keys, bin_experts, capacity) if num_tokens else torch.full(
+        (num_experts // per_bin,), priority.NOT_ROUTED)
+    got = kernels.apply_thresholds(keys, thresholds, expert_to_bin, routing_map, probs, scores)
+    want = planner.apply_thresholds(keys, thresholds, expert_to_bin, routing_map, probs, scores)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

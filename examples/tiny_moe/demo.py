@@ -144,6 +144,7 @@ def _write_wandb(rows, out: str) -> str:
     """One offline W&B run: a step per configuration, and a summary table."""
     from capaware_megatron.monitor import WandbSink
 
+    os.environ.setdefault("WANDB_SILENT", "true")  # the table above is the demo's output
     sink = WandbSink(project="capaware-demo", mode="offline", dir=out, name="tiny-moe-ep2")
     for step, row in enumerate(rows):
         sink.log({**row["metrics"], "demo/perplexity": row["perplexity"],
