@@ -45,7 +45,21 @@ def lowbias32(x: torch.Tensor) -> torch.Tensor:
 
 def random_priority(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     """Seeded pseudo-random int32-range priority of assignment t * E + e."""
-    return lowbias32(flat_index ^ ((seed * _GOLDEN32) & _MASK32)) - 2**31
+    return lowbias32(flat_index ^ random_salt(seed)) - 2**31
+
+
+def check_key_range(token_offset: int, num_tokens: int, num_experts: int) -> None:
+    """Every t * E + e must stay below 2**32 - 1 for the keys to be unique and ordered."""
+    if (token_offset + num_tokens) * num_experts >= MAX_ASSIGNMENTS:
+        raise ValueError(
+            f"(token_offset + T) * E = {(token_offset + num_tokens) * num_experts} must stay below "
+            f"{MAX_ASSIGNMENTS}: priority keys cannot order more assignments"
+        )
+
+
+def random_salt(seed: int) -> int:
+    """The 32-bit value the seed is mixed into every hashed index with."""
+    return (seed * _GOLDEN32) & _MASK32
 
 
 def assignment_keys(
@@ -68,11 +82,7 @@ def assignment_keys(
         [T, E] int64.
     """
     num_tokens, num_experts = scores.shape
-    if (token_offset + num_tokens) * num_experts >= MAX_ASSIGNMENTS:
-        raise ValueError(
-            f"(token_offset + T) * E = {(token_offset + num_tokens) * num_experts} must stay below "
-            f"{MAX_ASSIGNMENTS}: priority keys cannot order more assignments"
-        )
+    check_key_range(token_offset, num_tokens, num_experts)
     device = scores.device
     token = torch.arange(num_tokens, device=device, dtype=torch.int64).unsqueeze(1) + token_offset
     expert = torch.arange(num_experts, device=device, dtype=torch.int64).unsqueeze(0)

@@ -29,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from capaware_megatron.priority import MAX_ASSIGNMENTS, NOT_ROUTED
+from capaware_megatron.priority import NOT_ROUTED, check_key_range, random_salt
 
 PRIORITY_CODES = {"score": 0, "position": 1, "reverse": 2, "random": 3}
-_GOLDEN32 = 0x9E3779B9
 
 
 @triton.jit
@@ -193,8 +192,7 @@ def _check_key_inputs(scores: torch.Tensor, candidates: torch.Tensor, token_offs
     num_tokens, num_experts = scores.shape
     if num_experts > 512:
         raise ValueError(f"the Triton planner supports up to 512 experts, got {num_experts}")
-    if (token_offset + num_tokens) * num_experts >= MAX_ASSIGNMENTS:
-        raise ValueError("(token_offset + T) * E must stay below 2**32 for priority keys")
+    check_key_range(token_offset, num_tokens, num_experts)
 
 
 def assignment_keys(
@@ -227,7 +225,7 @@ def assignment_keys(
         candidate_bytes.stride(0),
         candidate_bytes.stride(1),
         token_offset,
-        (seed * _GOLDEN32) & 0xFFFFFFFF,
+        random_salt(seed),
         PRIORITY=PRIORITY_CODES[priority],
         BLOCK_T=block_t,
         BLOCK_E=block_e,
