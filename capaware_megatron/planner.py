@@ -142,7 +142,7 @@ def plan_routing(
     )
     if cfg.policy == "reroute":
         rerouted = _reroute(
-            scores, routing_map, new_map, keys, bins, capacity, global_group, token_offset
+            scores, routing_map, new_map, keys, bins, capacity, global_group, token_offset, ops
         )
         new_map = new_map | rerouted
         new_probs = torch.where(rerouted, scores.to(probs.dtype), new_probs)
@@ -288,6 +288,7 @@ def _reroute(
     capacity: int,
     group: Optional[RoutingGroup],
     token_offset: int,
+    ops: ModuleType,
 ) -> torch.Tensor:
     """[T, E] bool: the new assignments of the overflow (router assignments not kept).
 
@@ -317,7 +318,7 @@ def _reroute(
         first = int(lengths[: group.rank].sum())
         mine = slice(first, first + token_idx.shape[0])
     choice = _place_overflow(
-        item_keys, rows, used, token_id, capacity - kept_per_bin, bins.expert_to_bin
+        item_keys, rows, used, token_id, capacity - kept_per_bin, bins.expert_to_bin, ops
     )[mine]
     rerouted = torch.zeros_like(routing_map)
     placed = choice >= 0
@@ -332,6 +333,7 @@ def _place_overflow(
     token_id: torch.Tensor,
     room: torch.Tensor,
     expert_to_bin: torch.Tensor,
+    ops: ModuleType,
 ) -> torch.Tensor:
     """Serial greedy placement, computed in at most B + 1 vectorised rounds.
 
@@ -342,6 +344,7 @@ def _place_overflow(
         token_id: [M] int64, equal for items of the same token.
         room: [B] int64 free slots per bin.
         expert_to_bin: [E] int64.
+        ops: the backend computing each round's proposals (propose_experts).
 
     Returns:
         [M] int64, the chosen expert or -1 (dropped).
@@ -366,13 +369,9 @@ def _place_overflow(
     preference = torch.sort(rows, dim=1, descending=True, stable=True).indices  # [M, E]
     while pending.numel() > 0:
         slot = token_slot[pending]
-        free = (room[expert_to_bin] > 0).unsqueeze(0) & ~token_used[slot]  # [P, E]
-        free_in_pref = torch.gather(free, 1, preference[pending])
-        rank_in_token = _rank_within_group(slot)
-        running = free_in_pref.long().cumsum(1)
-        has_choice = running[:, -1] > rank_in_token
-        position = (running <= rank_in_token.unsqueeze(1)).sum(1).clamp_max(free.shape[1] - 1)
-        expert = torch.gather(preference[pending], 1, position.unsqueeze(1)).squeeze(1)
+        expert, has_choice = ops.propose_experts(
+            preference, pending, slot, _rank_within_group(slot), token_used, room, expert_to_bin
+        )
         bin_of = expert_to_bin[expert]
         # Running count of choices per bin, in serial order (items without a choice take none).
         one_hot = torch.nn.functional.one_hot(bin_of, room.shape[0]) * has_choice.unsqueeze(1)
@@ -387,6 +386,34 @@ def _place_overflow(
         # Items without any free expert now never find one later (room and choice only shrink).
         pending = pending[~commit & has_choice]
     return choice
+
+
+def propose_experts(
+    preference: torch.Tensor,
+    pending: torch.Tensor,
+    slot: torch.Tensor,
+    rank_in_token: torch.Tensor,
+    token_used: torch.Tensor,
+    room: torch.Tensor,
+    expert_to_bin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round's proposals: each pending item's (rank_in_token)-th free expert.
+
+    Args:
+        preference: [M, E] every item's experts, best score first.
+        pending: [P] items still to place; slot: [P] their token's row of token_used;
+        rank_in_token: [P] pending items of the same token before this one.
+        token_used: [U, E] bool, experts each token uses; room: [B]; expert_to_bin: [E].
+
+    Returns:
+        (expert [P] int64, has_choice [P] bool).
+    """
+    ranked = preference[pending]
+    free = (room[expert_to_bin] > 0)[ranked] & ~torch.gather(token_used[slot], 1, ranked)
+    running = free.long().cumsum(1)
+    has_choice = running[:, -1] > rank_in_token
+    position = (running <= rank_in_token.unsqueeze(1)).sum(1).clamp_max(ranked.shape[1] - 1)
+    return torch.gather(ranked, 1, position.unsqueeze(1)).squeeze(1), has_choice
 
 
 def _rank_within_group(group_ids: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,13 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
     ) from err
 
 from .permute import permutation_indices
+from .reroute import propose_experts
 from .routing_plan import apply_thresholds, assignment_keys, bin_thresholds
 
-__all__ = ["apply_thresholds", "assignment_keys", "bin_thresholds", "permutation_indices"]
+__all__ = [
+    "apply_thresholds",
+    "assignment_keys",
+    "bin_thresholds",
+    "permutation_indices",
+    "propose_experts",
+]

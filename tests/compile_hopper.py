@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from capaware_megatron.kernels import permute, routing_plan
+from capaware_megatron.kernels import permute, reroute, routing_plan
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -22,6 +22,13 @@ KEYS_ARGS = {
 THRESHOLD_ARGS = {
     "keys_ptr": "*i64", "bin_experts_ptr": "*i64", "thresholds_ptr": "*i64",
     "num_tokens": "i32", "num_experts": "i32", "experts_per_bin": "i32", "capacity": "i32",
+}
+
+
+PROPOSE_ARGS = {
+    "preference_ptr": "*i64", "pending_ptr": "*i64", "slot_ptr": "*i64", "rank_ptr": "*i64",
+    "used_ptr": "*u8", "room_ptr": "*i64", "bin_ptr": "*i64", "expert_ptr": "*i64",
+    "has_choice_ptr": "*i8", "num_pending": "i32", "num_experts": "i32",
 }
 
 
@@ -59,6 +66,9 @@ def variants():
         for block_e in (1, 128):
             yield (f"apply-{dtype}-E{block_e}", routing_plan._apply_kernel, _apply_args(dtype),
                    {"BLOCK_T": 4096 // block_e, "BLOCK_E": block_e})
+    for block_e in (8, 512):
+        yield (f"propose-E{block_e}", reroute._propose_kernel, PROPOSE_ARGS,
+               {"BLOCK_P": 4096 // block_e, "BLOCK_E": block_e})
     for dtype in POINTER:
         yield f"permute-{dtype}", permute._permute_index_kernel, _permute_args(dtype), {"BLOCK_T": 1024}
 
