@@ -39,11 +39,6 @@ class RoutingGroup:
             )
 
     @classmethod
-    def single(cls) -> "RoutingGroup":
-        """A group of one: the global plan equals the local one."""
-        return cls(rank=0, world_size=1, all_gather=lambda t: t.unsqueeze(0))
-
-    @classmethod
     def from_process_group(cls, process_group: Any = None) -> "RoutingGroup":
         """Wrap a torch.distributed process group (None: the default group)."""
         import torch.distributed as dist

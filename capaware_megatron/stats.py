@@ -34,7 +34,7 @@ class LoadStats:
     cv_after: torch.Tensor
     dropped_fraction: torch.Tensor
     rerouted_fraction: torch.Tensor
-    capacity: int
+    capacity: float
     speedup_expert: torch.Tensor
     speedup_rank: torch.Tensor
 
@@ -71,7 +71,7 @@ def load_stats(
     after: torch.Tensor,
     num_dropped: torch.Tensor,
     num_rerouted: torch.Tensor,
-    capacity: int,
+    capacity: float,
     expert_to_rank: Optional[torch.Tensor] = None,
 ) -> LoadStats:
     """Statistics from per-expert loads (already reduced over whatever group the caller wants).

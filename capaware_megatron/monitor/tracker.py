@@ -19,11 +19,17 @@ import torch
 import torch.distributed as dist
 
 from ..planner import RoutingPlan
-from ..stats import coefficient_of_variation, per_rank, straggler_factor
+from ..stats import load_stats
 
 # Extra fields after the [E] before / [E] after loads of a layer's row.
 _DROPPED, _REROUTED, _ROUTED, _CAPACITY, _RECORDS = range(5)
 _EXTRA = 5
+# LoadStats fields reported per layer (and averaged over layers).
+_REPORTED = (
+    "straggler_expert_before", "straggler_expert_after", "straggler_rank_before",
+    "straggler_rank_after", "cv_before", "cv_after", "speedup_expert", "speedup_rank",
+    "dropped_fraction", "rerouted_fraction", "capacity",
+)
 
 
 class LoadTracker:
@@ -174,22 +180,10 @@ class LoadTracker:
         for row in rows:
             before, after = row[:num_experts], row[num_experts : 2 * num_experts]
             extra = row[2 * num_experts :]
-            rank_before, rank_after = per_rank(before, self.expert_to_rank), per_rank(after, self.expert_to_rank)
-            step = {
-                "straggler_expert_before": straggler_factor(before),
-                "straggler_expert_after": straggler_factor(after),
-                "straggler_rank_before": straggler_factor(rank_before),
-                "straggler_rank_after": straggler_factor(rank_after),
-                "cv_before": coefficient_of_variation(before),
-                "cv_after": coefficient_of_variation(after),
-                "speedup_expert": before.max() / after.max().clamp_min(1),
-                "speedup_rank": rank_before.max() / rank_after.max().clamp_min(1),
-                "dropped_fraction": extra[_DROPPED] / extra[_ROUTED].clamp_min(1),
-                "rerouted_fraction": extra[_REROUTED] / extra[_ROUTED].clamp_min(1),
-                "capacity": extra[_CAPACITY] / extra[_RECORDS],
-                "max_tokens_before": before.max(),
-                "max_tokens_after": after.max(),
-            }
+            stats = load_stats(before, after, extra[_DROPPED], extra[_REROUTED],
+                               float(extra[_CAPACITY] / extra[_RECORDS]), self.expert_to_rank)
+            step = {name: getattr(stats, name) for name in _REPORTED}
+            step.update(max_tokens_before=before.max(), max_tokens_after=after.max())
             for name, value in step.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         return {name: total / rows.shape[0] for name, total in sums.items()}

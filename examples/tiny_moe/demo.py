@@ -71,6 +71,15 @@ def _progress(done: int, total: int, name: str) -> None:
           file=sys.stderr, flush=True)
 
 
+class _Routed:
+    """Hands plans to the LoadTracker of the run being measured (runs are interleaved)."""
+
+    tracker = None
+
+    def record(self, layer: int, plan) -> None:
+        self.tracker.record(layer, plan)
+
+
 def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int):
     from megatron.core import parallel_state
 
@@ -86,37 +95,47 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
     layers = [layer.mlp for layer in model.decoder.layers]
     timer = _LayerTimer(layers)
     num_experts = tiny.MODEL["num_moe_experts"]
-    keep = _KeepLoads()
-    tracker = LoadTracker(len(layers), num_experts, torch.arange(num_experts) // (num_experts // EP),
-                          interval=0, sinks=[keep], per_expert=True)
-    attach_megatron(model, tracker)
+    expert_to_rank = torch.arange(num_experts) // (num_experts // EP)
+    keep = {name: _KeepLoads() for name, _ in RUNS}
+    trackers = {name: LoadTracker(len(layers), num_experts, expert_to_rank, interval=0,
+                                  sinks=[keep[name]], per_expert=True) for name, _ in RUNS}
+    routed = _Routed()
+    attach_megatron(model, routed)
 
     heldout = tiny.corpus("heldout", max_bytes=400_000)
     windows = heldout[: (heldout.numel() // (tiny.SEQ + 1)) * (tiny.SEQ + 1)].view(-1, tiny.SEQ + 1)
     mine = windows[rank::world_size][: batches * windows_per_batch].view(batches, windows_per_batch, -1)
 
-    rows = []
-    for index, (name, cfg) in enumerate(RUNS):
-        for layer in layers:
-            layer.token_dispatcher.capacity_config = cfg
-        with torch.no_grad():
-            tiny.forward_loss(model, mine[0][:2])  # warm-up, not measured
-            tracker._history.clear()
-            tracker._current.zero_()
-            timer.total = 0.0
-            nll = torch.zeros(2, dtype=torch.float64)
-            for batch in mine:
+    # Runs are interleaved batch by batch, so drift of the machine spreads over all of them.
+    seconds = {name: 0.0 for name, _ in RUNS}
+    nll = {name: torch.zeros(2, dtype=torch.float64) for name, _ in RUNS}
+    with torch.no_grad():
+        for step, batch in enumerate([mine[0][:2], *mine]):  # the first pass warms up
+            for name, cfg in RUNS:
+                for layer in layers:
+                    layer.token_dispatcher.capacity_config = cfg
+                routed.tracker = trackers[name]
+                dist.barrier()
+                start = timer.total
                 loss = tiny.forward_loss(model, batch)
-                nll += torch.tensor([float(loss.double().sum()), loss.numel()], dtype=torch.float64)
-                tracker.step()
-        metrics = tracker.flush(index)
-        dist.all_reduce(nll)
-        slowest = torch.tensor([timer.total])
+                trackers[name].step()
+                if step == 0:
+                    trackers[name].flush(0)  # the warm-up's counts go nowhere
+                    continue
+                seconds[name] += timer.total - start
+                nll[name] += torch.tensor([float(loss.double().sum()), loss.numel()], dtype=torch.float64)
+            if rank == 0:
+                _progress(step, len(mine), f"batch {step} of {len(mine)}")
+
+    rows = []
+    for index, (name, _) in enumerate(RUNS):
+        metrics = trackers[name].flush(index + 1)
+        dist.all_reduce(nll[name])
+        slowest = torch.tensor([seconds[name]])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if rank == 0:
-            rows.append(dict(name=name, perplexity=math.exp(float(nll[0] / nll[1])),
-                             moe_seconds=float(slowest), metrics=metrics, loads=keep.loads))
-            _progress(index + 1, len(RUNS), name)
+            rows.append(dict(name=name, perplexity=math.exp(float(nll[name][0] / nll[name][1])),
+                             moe_seconds=float(slowest), metrics=metrics, loads=keep[name].loads))
     if rank == 0:
         print(file=sys.stderr)
         return rows, meta
