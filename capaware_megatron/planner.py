@@ -257,14 +257,9 @@ def _group_thresholds(
 
 
 def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
-    """The module computing keys and thresholds: this one (torch) or the Triton kernels."""
+    """The module computing the plan's steps: this one (torch) or the Triton kernels."""
     if backend == "torch" or (backend == "auto" and not scores.is_cuda):
         return sys.modules[__name__]
-    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (scores are on {scores.device}); "
-            "on CPU use backend='torch' or 'auto', or TRITON_INTERPRET=1 for the interpreter"
-        )
     try:
         from . import kernels
     except ImportError as err:
@@ -273,6 +268,11 @@ def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
         raise ImportError(
             "backend='triton' needs triton: pip install 'capaware_megatron[triton]'"
         ) from err
+    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (scores are on {scores.device}); "
+            "on CPU use backend='torch' or 'auto', or TRITON_INTERPRET=1 for the interpreter"
+        )
     return kernels
 
 
