@@ -58,7 +58,9 @@ def _next_report(queue, procs, deadline: float):
                 for proc in procs:
                     proc.kill()
                 reason = f"exit codes {dead}" if dead else "timeout"
-                raise RuntimeError(f"distributed run failed: a rank ended without a result ({reason})")
+                raise RuntimeError(
+                    f"distributed run failed: a rank ended without a result ({reason})"
+                ) from None
 
 
 def run_gloo(

@@ -205,7 +205,6 @@ def test_megatron_layers_feed_the_tracker(tmp_path):
 def _deepspeed_monitored(rank, world_size, tmp):
     import deepspeed_harness as dh
 
-    from capaware_megatron import CapacityConfig
     from capaware_megatron.deepspeed import apply
     from capaware_megatron.monitor import attach_deepspeed
 

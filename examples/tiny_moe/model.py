@@ -99,7 +99,7 @@ def load_checkpoint(model, ep_rank: int = 0, ep_size: int = 1) -> dict:
     state = torch.load(os.path.join(CHECKPOINT, "model.pt"), weights_only=True)
     per_rank = MODEL["num_moe_experts"] // ep_size
     mine = {}
-    for key, value in model.state_dict().items():
+    for key in model.state_dict():
         if ".local_experts." in key:
             head, tail = key.split(".local_experts.")
             local, rest = tail.split(".", 1)
