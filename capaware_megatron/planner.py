@@ -17,9 +17,9 @@ caller needs only the per-bin top-C keys of every rank to reproduce the single-p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
 import sys
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional, Sequence, Union
 

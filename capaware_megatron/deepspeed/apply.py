@@ -42,7 +42,6 @@ def apply(model_or_engine: Any, ds_config: DsConfig) -> list[CapacityAwareGate]:
         else:
             gate = CapacityAwareGate.from_topk_gate(old, section.capacity)
             module.deepspeed_moe.gate = gate
-        gate.log_config = section.log
         gates.append(gate)
         logger.info("capaware: %s uses %s", name or "<root>", section.capacity)
     if not gates:

@@ -121,7 +121,7 @@ def _rank_main(rank, world_size, tokens, repeats):
     tiny.load_checkpoint(model, ep_rank=rank, ep_size=EP)
     model.eval()
     heldout = tiny.corpus("heldout", max_bytes=600_000)
-    windows = heldout[: (heldout.numel() // (tiny.SEQ + 1)) * (tiny.SEQ + 1)].view(-1, tiny.SEQ + 1)
+    windows = tiny.windows(heldout)
     mine = windows[rank::world_size][: tokens // tiny.SEQ]
     inputs = _capture_layer_inputs(model, mine)
     workloads = [(f"trained L{i}", model.decoder.layers[i].mlp, inputs[i]) for i in range(len(inputs))]

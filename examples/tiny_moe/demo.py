@@ -103,7 +103,7 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
     attach_megatron(model, routed)
 
     heldout = tiny.corpus("heldout", max_bytes=400_000)
-    windows = heldout[: (heldout.numel() // (tiny.SEQ + 1)) * (tiny.SEQ + 1)].view(-1, tiny.SEQ + 1)
+    windows = tiny.windows(heldout)
     mine = windows[rank::world_size][: batches * windows_per_batch].view(batches, windows_per_batch, -1)
 
     # Runs are interleaved batch by batch, so drift of the machine spreads over all of them.

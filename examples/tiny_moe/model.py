@@ -48,6 +48,11 @@ def corpus(split: str, max_bytes: Optional[int] = None) -> torch.Tensor:
     return torch.frombuffer(bytes(data[:max_bytes]), dtype=torch.uint8).long()
 
 
+def windows(data: torch.Tensor) -> torch.Tensor:
+    """[N, SEQ + 1] consecutive, non-overlapping windows of a byte stream (inputs and labels)."""
+    return data[: (data.numel() // (SEQ + 1)) * (SEQ + 1)].view(-1, SEQ + 1)
+
+
 def batches(data: torch.Tensor, batch_size: int, generator: torch.Generator):
     """Endless random [batch, SEQ + 1] windows (inputs and shifted labels)."""
     while True:

@@ -67,7 +67,7 @@ def main() -> None:
                   f"{time.time() - start:6.0f} s", flush=True)
     model.eval()
     with torch.no_grad():
-        windows = heldout[: (heldout.numel() // (tiny.SEQ + 1)) * (tiny.SEQ + 1)].view(-1, tiny.SEQ + 1)
+        windows = tiny.windows(heldout)
         heldout_nll = float(torch.cat([tiny.forward_loss(model, w.unsqueeze(0)).flatten() for w in windows[:64]]).mean())
     print(f"held-out loss {heldout_nll:.3f} nats/byte (perplexity {math.exp(heldout_nll):.2f})")
     tiny.save_checkpoint(model, {
