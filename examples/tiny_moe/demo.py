@@ -106,12 +106,13 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
     windows = tiny.windows(heldout)
     mine = windows[rank::world_size][: batches * windows_per_batch].view(batches, windows_per_batch, -1)
 
-    # Runs are interleaved batch by batch, so drift of the machine spreads over all of them.
+    # Runs are interleaved batch by batch, and each batch starts with a different run, so neither
+    # drift of the machine nor the cost of coming first lands on one run.
     seconds = {name: 0.0 for name, _ in RUNS}
     nll = {name: torch.zeros(2, dtype=torch.float64) for name, _ in RUNS}
     with torch.no_grad():
         for step, batch in enumerate([mine[0][:2], *mine]):  # the first pass warms up
-            for name, cfg in RUNS:
+            for name, cfg in RUNS[step % len(RUNS):] + RUNS[: step % len(RUNS)]:
                 for layer in layers:
                     layer.token_dispatcher.capacity_config = cfg
                 routed.tracker = trackers[name]
