@@ -19,6 +19,8 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+TRITON_MAX_EXPERTS = 512
+"""Most experts the Triton planner handles (one row of experts per program); auto uses torch above."""
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ Notation: T tokens on this rank, E experts, k experts per token (the router's to
 bins (an expert each for scopes local/global, an expert-parallel rank each for scope device), m
 experts per bin, C a bin's capacity, W ranks in the group (global scope).
 
-Pipeline:
-    keys      [T, E] int64   priority of every candidate assignment (priority.py)
-    threshold [B]    int64   the C-th largest key of each bin (group-wide in global scope)
-    keep      [T, E] bool    candidate & key >= threshold[bin]  -> exactly min(C, load) per bin
-    reroute   overflow -> next-best experts with room, exact serial order, vectorised in rounds
-    probs     [T, E]         kept originals keep the router weight, new ones take the score
+Pipeline (each step an op of the backend: this module's torch twins or the Triton kernels):
+    collect_candidates  the priority key of every candidate assignment (priority.py), and the
+                        plan as if nothing overflowed: router picks keep the router weight,
+                        expanded drop's local candidates take their score
+    bin_thresholds      [B] int64, the C-th largest key of each bin (group-wide in global scope)
+    drop_below          clears candidates with key < threshold -> exactly min(C, load) per bin
+    reroute             overflow -> next-best experts with room, exact serial order, vectorised
+                        in rounds; a new assignment takes its score as weight
 
 Keys are unique, so a threshold keeps exactly the top-C candidates of a bin and a distributed
 caller needs only the per-bin top-C keys of every rank to reproduce the single-process plan.
@@ -25,9 +27,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .config import CapacityConfig, expert_capacity
+from .config import TRITON_MAX_EXPERTS, CapacityConfig, expert_capacity
 from .group import RoutingGroup
-from .priority import NOT_ROUTED, assignment_keys  # noqa: F401 - the torch ops (_ops_for)
+from .priority import NOT_ROUTED, assignment_keys, decode_token
 
 ExpertSet = Union[Sequence[int], torch.Tensor]
 
@@ -106,8 +108,6 @@ def plan_routing(
         RoutingPlan.
     """
     num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
-    if probs is None:
-        probs = scores * routing_map
     tokens_before = routing_map.sum(0, dtype=torch.int64)
 
     global_group = _check_group(cfg, group)
@@ -121,7 +121,12 @@ def plan_routing(
     capped = not cfg.is_dropless and (cfg.apply_in_training or not training)
     # Decode guard: a step whose mean load is below min_capacity is never capped.
     if not capped or group_tokens * topk < cfg.min_capacity * num_experts or group_tokens == 0:
-        return _identity_plan(routing_map, probs, group_tokens * bins.experts_per_bin, tokens_before)
+        return _identity_plan(
+            routing_map,
+            _router_weights(probs, scores, routing_map),
+            group_tokens * bins.experts_per_bin,
+            tokens_before,
+        )
 
     capacity = expert_capacity(
         group_tokens,
@@ -132,35 +137,53 @@ def plan_routing(
     )
     candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
     ops = _ops_for(cfg.backend, scores)
-    keys = ops.assignment_keys(scores, candidates, cfg.priority, cfg.seed, token_offset)
-    if global_group is None:
-        thresholds = ops.bin_thresholds(keys, bins.experts, capacity)
-    else:
-        thresholds = _group_thresholds(keys, bins, capacity, global_group)
-    new_map, new_probs, tokens_after = ops.apply_thresholds(
-        keys, thresholds, bins.expert_to_bin, routing_map, probs, scores
+    lists, keep, weights = ops.collect_candidates(
+        scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset
     )
+    if global_group is None:
+        thresholds = ops.bin_thresholds(lists, bins.experts, capacity)
+    else:
+        thresholds = _group_thresholds(ops.bin_top_keys(lists, bins.experts, capacity), global_group)
+    new_map, new_probs, tokens_after, dropped_keys = ops.drop_below(
+        lists, thresholds, bins.expert_to_bin, keep, weights, cfg.policy == "reroute"
+    )
+    if cfg.policy == "expanded":
+        num_rerouted = (new_map & ~routing_map).sum(dtype=torch.int64)
+        num_dropped = (routing_map & ~new_map).sum(dtype=torch.int64)
+    else:  # the candidates are the router's picks: what is not kept is dropped, unless rerouted
+        num_dropped = tokens_before.sum() - tokens_after.sum()
+        num_rerouted = torch.zeros_like(num_dropped)
     if cfg.policy == "reroute":
-        rerouted = _reroute(
-            scores, routing_map, new_map, keys, bins, capacity, global_group, token_offset, ops
+        token_idx = decode_token(dropped_keys, num_experts, token_offset)
+        choice = _reroute(
+            scores, routing_map, token_idx, dropped_keys, tokens_after, bins, capacity,
+            global_group, token_offset, ops,
         )
-        new_map = new_map | rerouted
-        new_probs = torch.where(rerouted, scores.to(probs.dtype), new_probs)
-        tokens_after = tokens_after + rerouted.sum(0, dtype=torch.int64)
-    added = new_map & ~routing_map
+        placed = choice >= 0
+        token_idx, choice = token_idx[placed], choice[placed]
+        new_map[token_idx, choice] = True
+        new_probs[token_idx, choice] = scores[token_idx, choice].to(new_probs.dtype)
+        tokens_after = tokens_after + torch.bincount(choice, minlength=num_experts)
+        num_rerouted = placed.sum(dtype=torch.int64)
+        num_dropped = num_dropped - num_rerouted
     if cfg.renormalize:
-        new_probs = _renormalize(new_probs, probs)
-    num_rerouted = added.sum(dtype=torch.int64)
-    lost = (routing_map & ~new_map).sum(dtype=torch.int64)
+        new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
     return RoutingPlan(
         routing_map=new_map,
         probs=new_probs,
         capacity=capacity,
         tokens_per_expert_before=tokens_before,
         tokens_per_expert_after=tokens_after,
-        num_dropped=lost - num_rerouted if cfg.policy == "reroute" else lost,
+        num_dropped=num_dropped,
         num_rerouted=num_rerouted,
     )
+
+
+def _router_weights(
+    probs: Optional[torch.Tensor], scores: torch.Tensor, routing_map: torch.Tensor
+) -> torch.Tensor:
+    """The router's combine weights: probs, or the scores of its picks when none are given."""
+    return scores * routing_map if probs is None else probs
 
 
 def _group_layout(
@@ -217,48 +240,75 @@ def _bin_major(keys: torch.Tensor, bin_experts: torch.Tensor) -> torch.Tensor:
     return keys[:, bin_experts].permute(1, 0, 2).reshape(bin_experts.shape[0], -1)
 
 
+def collect_candidates(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: Optional[torch.Tensor],
+    priority: str,
+    seed: int = 0,
+    token_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys [T, E] int64, keep [T, E] bool, weights [T, E]): the plan before capacity.
+
+    keys are the backend's candidate state (NOT_ROUTED off the candidates); every candidate is
+    kept, router picks with the router weight (probs, default the score), others with the score.
+    """
+    keys = assignment_keys(scores, candidates, priority, seed, token_offset)
+    weights = scores if probs is None else torch.where(routing_map, probs, scores.to(probs.dtype))
+    return keys, candidates.clone(), weights.masked_fill(~candidates, 0)
+
+
 def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
     """[B] int64: the capacity-th largest key of each bin (NOT_ROUTED when it has fewer).
 
     Keys are unique, so ``key >= threshold`` keeps exactly min(capacity, load) per bin.
     """
-    return _top_keys(_bin_major(keys, bin_experts), capacity)[:, capacity - 1]
+    return bin_top_keys(keys, bin_experts, capacity)[:, capacity - 1]
 
 
-def apply_thresholds(
+def bin_top_keys(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, C] int64: each bin's largest keys, padded with NOT_ROUTED."""
+    return _top_keys(_bin_major(keys, bin_experts), capacity)
+
+
+def drop_below(
     keys: torch.Tensor,
     thresholds: torch.Tensor,
     expert_to_bin: torch.Tensor,
-    routing_map: torch.Tensor,
-    probs: torch.Tensor,
-    scores: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keep [T, E] bool, weights [T, E], kept per expert [E] int64).
+    keep: torch.Tensor,
+    weights: torch.Tensor,
+    want_overflow: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(keep, weights, kept per expert [E] int64, dropped keys [M] or None).
 
-    Candidates (keys above NOT_ROUTED) at or above their bin's threshold are kept; router picks
-    keep the router weight, other candidates (expanded drop's local experts) take their score.
+    Clears the candidates whose key is below their bin's threshold.
     """
-    keep = (keys >= thresholds[expert_to_bin]) & (keys != NOT_ROUTED)
-    weights = torch.where(routing_map, probs, scores.to(probs.dtype)).masked_fill(~keep, 0)
-    return keep, weights, keep.sum(0, dtype=torch.int64)
+    dropped = keep & (keys < thresholds[expert_to_bin])
+    keep = keep & ~dropped
+    return (
+        keep,
+        weights.masked_fill(dropped, 0),
+        keep.sum(0, dtype=torch.int64),
+        keys[dropped] if want_overflow else None,
+    )
 
 
-def _group_thresholds(
-    keys: torch.Tensor, bins: _Bins, capacity: int, group: RoutingGroup
-) -> torch.Tensor:
-    """bin_thresholds over the whole group: one gather of every rank's [B, C] top keys.
+def _group_thresholds(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
+    """bin_thresholds over the whole group from every rank's [B, C] top keys: one gather.
 
     The group-wide top-C of a bin lies within the union of every rank's own top-C.
     """
-    top = _top_keys(_bin_major(keys, bins.experts), capacity)
+    num_bins, capacity = top.shape
     gathered = group.all_gather(top)  # [W, B, C]
-    merged = gathered.permute(1, 0, 2).reshape(bins.num_bins, -1)
+    merged = gathered.permute(1, 0, 2).reshape(num_bins, -1)
     return _top_keys(merged, capacity)[:, capacity - 1]
 
 
 def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
     """The module computing the plan's steps: this one (torch) or the Triton kernels."""
-    if backend == "torch" or (backend == "auto" and not scores.is_cuda):
+    triton_fits = scores.shape[1] <= TRITON_MAX_EXPERTS
+    if backend == "torch" or (backend == "auto" and not (scores.is_cuda and triton_fits)):
         return sys.modules[__name__]
     try:
         from . import kernels
@@ -282,30 +332,28 @@ def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
 def _reroute(
     scores: torch.Tensor,
     routing_map: torch.Tensor,
-    keep: torch.Tensor,
-    keys: torch.Tensor,
+    token_idx: torch.Tensor,
+    item_keys: torch.Tensor,
+    kept_per_expert: torch.Tensor,
     bins: _Bins,
     capacity: int,
     group: Optional[RoutingGroup],
     token_offset: int,
     ops: ModuleType,
 ) -> torch.Tensor:
-    """[T, E] bool: the new assignments of the overflow (router assignments not kept).
+    """[M] int64: the new expert of each overflow item (token_idx, item_keys), or -1 (dropped).
 
     Serial semantics, exact: overflow assignments are taken in priority order (highest key
     first); each moves to its token's best-scored expert (ties: lower index) whose bin still has
     room and that the token does not use yet; with no such expert it is dropped. With a group
     (global scope) room is group-wide and the overflow of all ranks is placed together,
-    identically on every rank.
+    identically on every rank. The items may come in any order.
     """
-    overflow = routing_map & ~keep
-    token_idx, _ = overflow.nonzero(as_tuple=True)
-    item_keys = keys[overflow]
     rows = scores[token_idx].float()
     used = routing_map[token_idx]
     token_id = token_idx + token_offset
-    kept_per_bin = torch.zeros(bins.num_bins, dtype=torch.int64, device=keys.device)
-    kept_per_bin.index_add_(0, bins.expert_to_bin, keep.sum(0, dtype=torch.int64))
+    kept_per_bin = torch.zeros(bins.num_bins, dtype=torch.int64, device=scores.device)
+    kept_per_bin.index_add_(0, bins.expert_to_bin, kept_per_expert)
     mine = slice(0, token_idx.shape[0])
     if group is not None and group.world_size > 1:
         kept_per_bin = group.all_gather(kept_per_bin).sum(0)
@@ -317,13 +365,9 @@ def _reroute(
         token_id = group.gather_padded(token_id, -1)[0][valid]
         first = int(lengths[: group.rank].sum())
         mine = slice(first, first + token_idx.shape[0])
-    choice = _place_overflow(
+    return _place_overflow(
         item_keys, rows, used, token_id, capacity - kept_per_bin, bins.expert_to_bin, ops
     )[mine]
-    rerouted = torch.zeros_like(routing_map)
-    placed = choice >= 0
-    rerouted[token_idx[placed], choice[placed]] = True
-    return rerouted
 
 
 def _place_overflow(

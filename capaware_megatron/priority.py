@@ -99,3 +99,9 @@ def assignment_keys(
         raise ValueError(f"priority must be score, position, reverse or random; got {priority!r}")
     keys = hi * MAX_ASSIGNMENTS + (_MASK32 - flat)
     return keys.masked_fill(~candidates, NOT_ROUTED)
+
+
+def decode_token(keys: torch.Tensor, num_experts: int, token_offset: int = 0) -> torch.Tensor:
+    """[M] int64: the token (on this rank) of each candidate key: its low bits hold t * E + e."""
+    flat = _MASK32 - (keys & _MASK32)
+    return flat // num_experts - token_offset

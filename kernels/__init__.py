@@ -13,12 +13,20 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
 
 from .permute import permutation_indices
 from .reroute import propose_experts
-from .routing_plan import apply_thresholds, assignment_keys, bin_thresholds
+from .routing_plan import (
+    CandidateLists,
+    bin_thresholds,
+    bin_top_keys,
+    collect_candidates,
+    drop_below,
+)
 
 __all__ = [
-    "apply_thresholds",
-    "assignment_keys",
+    "CandidateLists",
     "bin_thresholds",
+    "bin_top_keys",
+    "collect_candidates",
+    "drop_below",
     "permutation_indices",
     "propose_experts",
 ]

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from capaware_megatron.config import TRITON_MAX_EXPERTS
+
 
 @triton.jit
 def _propose_kernel(
@@ -70,8 +72,10 @@ def propose_experts(
     """Triton twin of capaware_megatron.planner.propose_experts: (expert [P], has_choice [P])."""
     num_pending = pending.shape[0]
     num_experts = preference.shape[1]
-    if num_experts > 512:
-        raise ValueError(f"the Triton planner supports up to 512 experts, got {num_experts}")
+    if num_experts > TRITON_MAX_EXPERTS:
+        raise ValueError(
+            f"the Triton planner supports up to {TRITON_MAX_EXPERTS} experts, got {num_experts}"
+        )
     device = preference.device
     expert = torch.empty(num_pending, dtype=torch.int64, device=device)
     has_choice = torch.empty(num_pending, dtype=torch.bool, device=device)

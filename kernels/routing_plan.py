@@ -1,37 +1,59 @@
-"""Triton kernels for the routing plan: priority keys and per-bin capacity thresholds.
+"""Triton kernels for the routing plan: the plan in one pass over the scores, then capacity.
 
 Same results as the torch planner, bit for bit: the keys are the ones capaware_megatron.priority
 defines, and a threshold is the exact C-th largest key of a bin, so `keep = key >= threshold`
-needs no sort and no tie handling.
+needs no sort and no tie handling. Memory traffic is one read of the router's [T, E] tensors and
+one write of the plan; capacity then touches only the routed assignments (8 B each), and only
+those of over-full bins.
 
-    K1 _keys_kernel       scores [T, E] fp32/bf16/fp16 (any strides), candidates [T, E] bool
-                          -> keys [T, E] int64 (NOT_ROUTED where not a candidate)
-                          grid (cdiv(T, BLOCK_T),); each program loops over E in BLOCK_E columns.
-    K2 _threshold_kernel  keys [T, E], bin_experts [B, m] int64 (the experts of each bin)
-                          -> thresholds [B] int64: the capacity-th largest key of the bin, or
-                          NOT_ROUTED when the bin has fewer than `capacity` candidates.
-                          grid (B,); radix select on the key's unsigned bit pattern, 4-bit
-                          digits from the top: 16 passes over the bin's T * m keys, each pass a
-                          16-bucket histogram of the keys that share the digits found so far.
+    K1 _collect_kernel  scores [T, E] fp32/bf16/fp16, candidates [T, E] bool, routing_map, probs
+                        (any strides) -> the plan as if nothing overflowed: keep [T, E] bool (the
+                        candidates), weights [T, E] (router weight, or score for candidates the
+                        router did not pick); and every candidate's key appended to its expert's
+                        list: lists [E, T] int64, counts [E] int32 (row e holds counts[e] keys, in
+                        no particular order: keys are unique). One atomic per column block.
+                        grid (cdiv(T, BLOCK_T),); each program loops over E in BLOCK_E columns.
+    K2 _select_kernel   lists, counts, bin_experts [B, m] -> thresholds [B] int64: the capacity-th
+                        largest key of the bin's lists, NOT_ROUTED when it has fewer. Optionally
+                        (global scope) the keys at or above it -> top [B, C]. grid (B,). A bin
+                        below capacity reads nothing else; one above it runs a radix select on
+                        the key's unsigned bit pattern, 4-bit digits from the top: 16 passes over
+                        its ~T*k/E list entries (L2-resident after the first).
+    K3 _drop_kernel     lists, thresholds -> clears keep/weights of the keys below their bin's
+                        threshold, kept counts [E] int64, and (reroute) the dropped keys.
+                        grid (E,); an expert of a bin below capacity stores its count and stops.
 
-    K3 _apply_kernel      keys, thresholds, expert_to_bin [E], routing_map, probs, scores
-                          -> keep [T, E] bool, weights [T, E] (router weight for router picks,
-                          score for other candidates, 0 where not kept), kept per expert [E]
-                          int64 (one atomic add per column block). grid (cdiv(T, BLOCK_T),).
-
-The threshold is exact for any key distribution (no sampling, no float rounding), which is what
-makes the Triton plan equal to the torch one and to the single-process plan in global scope.
+A key's low 32 bits encode (t + token_offset) * E + e, so the lists need no token column.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from capaware_megatron.config import TRITON_MAX_EXPERTS
 from capaware_megatron.priority import NOT_ROUTED, check_key_range, random_salt
 
 PRIORITY_CODES = {"score": 0, "position": 1, "reverse": 2, "random": 3}
+
+
+@dataclass
+class CandidateLists:
+    """Every candidate assignment's priority key, listed per expert (the Triton plan's state).
+
+    Attributes:
+        keys: [E, T] int64; row e holds counts[e] keys of expert e's candidates, unordered.
+        counts: [E] int32, candidates per expert.
+        token_offset: index of this rank's first token in the group (decodes keys to tokens).
+    """
+
+    keys: torch.Tensor
+    counts: torch.Tensor
+    token_offset: int
 
 
 @triton.jit
@@ -45,117 +67,45 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _keys_kernel(
+def _priority_key(score, group_token, expert, num_experts, salt, PRIORITY: tl.constexpr):
+    """capaware_megatron.priority's key: hi * 2**32 + (2**32 - 1 - flat index)."""
+    flat = group_token * num_experts + expert
+    if PRIORITY == 0:
+        bits = (score.to(tl.float32) + 0.0).to(tl.int32, bitcast=True)
+        hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+    elif PRIORITY == 1:
+        hi = tl.zeros_like(flat)
+    elif PRIORITY == 2:
+        hi = group_token + tl.zeros_like(flat)
+    else:
+        hi = _lowbias32(flat ^ salt) - 2147483648
+    return hi * 4294967296 + (4294967295 - flat)
+
+
+@triton.jit
+def _collect_kernel(
     scores_ptr,
     candidates_ptr,
-    keys_ptr,
+    map_ptr,
+    probs_ptr,
+    keep_ptr,
+    weights_ptr,
+    lists_ptr,
+    counts_ptr,
     num_tokens,
     num_experts,
     stride_st,
     stride_se,
     stride_ct,
     stride_ce,
-    token_offset,
-    salt,
-    PRIORITY: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    token = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]
-    in_rows = token < num_tokens
-    for e0 in range(0, num_experts, BLOCK_E):
-        expert = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)[None, :]
-        inside = in_rows & (expert < num_experts)
-        is_candidate = tl.load(
-            candidates_ptr + token * stride_ct + expert * stride_ce, mask=inside, other=0
-        )
-        flat = (token + token_offset) * num_experts + expert
-        tl.device_assert((flat < 4294967295) | ~inside, "t * E + e must stay below 2**32 - 1")
-        if PRIORITY == 0:
-            score = tl.load(scores_ptr + token * stride_st + expert * stride_se, mask=inside, other=0)
-            bits = (score.to(tl.float32) + 0.0).to(tl.int32, bitcast=True)
-            hi = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
-        elif PRIORITY == 1:
-            hi = tl.zeros_like(flat)
-        elif PRIORITY == 2:
-            hi = token + token_offset + tl.zeros_like(flat)
-        else:
-            hi = _lowbias32(flat ^ salt) - 2147483648
-        key = hi * 4294967296 + (4294967295 - flat)
-        key = tl.where(is_candidate != 0, key, -9223372036854775808)
-        tl.store(keys_ptr + token * num_experts + expert, key, mask=inside)
-
-
-@triton.jit
-def _threshold_kernel(
-    keys_ptr,
-    bin_experts_ptr,
-    thresholds_ptr,
-    num_tokens,
-    num_experts,
-    experts_per_bin,
-    capacity,
-    BLOCK: tl.constexpr,
-):
-    bin_id = tl.program_id(0)
-    tl.device_assert(capacity >= 1, "capacity must be >= 1")
-    length = num_tokens * experts_per_bin
-    digits = tl.arange(0, 16)
-    prefix = tl.zeros([], dtype=tl.int64)  # digits found so far, in the unsigned bit pattern
-    remaining = capacity  # rank still sought among keys that share `prefix`
-    total = 0
-    for step in tl.static_range(16):
-        shift = 60 - 4 * step
-        hist = tl.zeros([16], dtype=tl.int32)
-        for start in range(0, length, BLOCK):
-            pos = (start + tl.arange(0, BLOCK)).to(tl.int64)
-            valid = pos < length
-            token = pos // experts_per_bin
-            expert = tl.load(
-                bin_experts_ptr + bin_id * experts_per_bin + pos % experts_per_bin,
-                mask=valid,
-                other=0,
-            )
-            key = tl.load(keys_ptr + token * num_experts + expert, mask=valid, other=0)
-            valid = valid & (key != -9223372036854775808)
-            unsigned = key ^ -9223372036854775808  # sign bit flipped: unsigned order
-            if step > 0:
-                high = tl.full([], -1, tl.int64) << (shift + 4)  # the digits already fixed
-                valid = valid & ((unsigned & high) == prefix)
-            digit = ((unsigned >> shift) & 15).to(tl.int32)
-            hist += tl.sum(((digit[:, None] == digits[None, :]) & valid[:, None]).to(tl.int32), 0)
-        if step == 0:
-            total = tl.sum(hist, 0)
-        # Count of keys with digit >= d, and the largest d whose count still reaches `remaining`.
-        at_least = tl.sum(tl.where(digits[None, :] >= digits[:, None], hist[None, :], 0), 1)
-        chosen = tl.max(tl.where(at_least >= remaining, digits, 0), 0)
-        remaining -= tl.sum(tl.where(digits > chosen, hist, 0), 0)
-        prefix = prefix | (chosen.to(tl.int64) << shift)
-    threshold = prefix ^ -9223372036854775808
-    threshold = tl.where(total >= capacity, threshold, -9223372036854775808)
-    tl.store(thresholds_ptr + bin_id, threshold)
-
-
-@triton.jit
-def _apply_kernel(
-    keys_ptr,
-    thresholds_ptr,
-    expert_to_bin_ptr,
-    map_ptr,
-    probs_ptr,
-    scores_ptr,
-    keep_ptr,
-    weights_ptr,
-    counts_ptr,
-    num_tokens,
-    num_experts,
     stride_mt,
     stride_me,
     stride_pt,
     stride_pe,
-    stride_st,
-    stride_se,
+    token_offset,
+    salt,
+    PRIORITY: tl.constexpr,
+    HAS_PROBS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
@@ -163,129 +113,276 @@ def _apply_kernel(
     token = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]
     in_rows = token < num_tokens
     for e0 in range(0, num_experts, BLOCK_E):
-        expert = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)[None, :]
-        in_cols = expert < num_experts
-        inside = in_rows & in_cols
-        key = tl.load(keys_ptr + token * num_experts + expert, mask=inside, other=-9223372036854775808)
-        bin_id = tl.load(expert_to_bin_ptr + expert, mask=in_cols, other=0)
-        threshold = tl.load(thresholds_ptr + bin_id, mask=in_cols, other=0)
-        keep = (key >= threshold) & (key != -9223372036854775808) & inside
-        routed = tl.load(map_ptr + token * stride_mt + expert * stride_me, mask=inside, other=0) != 0
-        prob = tl.load(probs_ptr + token * stride_pt + expert * stride_pe, mask=keep & routed, other=0)
-        score = tl.load(scores_ptr + token * stride_st + expert * stride_se, mask=keep & ~routed, other=0)
-        weight = tl.where(routed, prob, score.to(prob.dtype))
-        tl.store(keep_ptr + token * num_experts + expert, keep.to(tl.int8), mask=inside)
-        tl.store(weights_ptr + token * num_experts + expert, tl.where(keep, weight, 0), mask=inside)
-        tl.atomic_add(counts_ptr + expert, tl.sum(keep.to(tl.int64), 0)[None, :], mask=in_cols)
+        columns = (e0 + tl.arange(0, BLOCK_E)).to(tl.int64)
+        expert = columns[None, :]
+        inside = in_rows & (expert < num_experts)
+        tl.device_assert(
+            ((token + token_offset) * num_experts + expert < 4294967295) | ~inside,
+            "(t + token_offset) * E + e must stay below 2**32 - 1",
+        )
+        is_candidate = tl.load(
+            candidates_ptr + token * stride_ct + expert * stride_ce, mask=inside, other=0
+        ) != 0
+        score = tl.load(
+            scores_ptr + token * stride_st + expert * stride_se, mask=is_candidate, other=0
+        )
+        if HAS_PROBS:
+            routed = tl.load(map_ptr + token * stride_mt + expert * stride_me, mask=is_candidate, other=0)
+            prob = tl.load(
+                probs_ptr + token * stride_pt + expert * stride_pe,
+                mask=is_candidate & (routed != 0),
+                other=0,
+            )
+            weight = tl.where(routed != 0, prob, score.to(prob.dtype))
+        else:
+            weight = score
+        tl.store(keep_ptr + token * num_experts + expert, is_candidate.to(tl.int8), mask=inside)
+        tl.store(weights_ptr + token * num_experts + expert, tl.where(is_candidate, weight, 0), mask=inside)
+        # Append the block's candidates to their experts' lists: one atomic per column.
+        flags = is_candidate.to(tl.int32)
+        per_column = tl.sum(flags, 0)
+        base = tl.atomic_add(counts_ptr + columns, per_column, mask=per_column > 0)
+        slot = (base[None, :] + tl.cumsum(flags, 0) - flags).to(tl.int64)
+        key = _priority_key(score, token + token_offset, expert, num_experts, salt, PRIORITY)
+        tl.store(lists_ptr + expert * num_tokens + slot, key, mask=is_candidate)
 
 
-def _check_key_inputs(scores: torch.Tensor, candidates: torch.Tensor, token_offset: int) -> None:
-    if scores.dim() != 2 or candidates.shape != scores.shape:
+@triton.jit
+def _select_kernel(
+    lists_ptr,
+    counts_ptr,
+    bin_experts_ptr,
+    thresholds_ptr,
+    top_ptr,
+    num_tokens,
+    experts_per_bin,
+    capacity,
+    WRITE_TOP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    bin_id = tl.program_id(0)
+    tl.device_assert(capacity >= 1, "capacity must be >= 1")
+    members = tl.arange(0, BLOCK_M)
+    member_experts = tl.load(
+        bin_experts_ptr + bin_id * experts_per_bin + members, mask=members < experts_per_bin, other=0
+    )
+    total = tl.sum(tl.load(counts_ptr + member_experts, mask=members < experts_per_bin, other=0), 0)
+    threshold = tl.full([], -9223372036854775808, tl.int64)
+    if total >= capacity:
+        digits = tl.arange(0, 16)
+        prefix = tl.zeros([], dtype=tl.int64)  # digits found so far, in the unsigned bit pattern
+        remaining = capacity  # rank still sought among keys that share `prefix`
+        for step in tl.static_range(16):
+            shift = 60 - 4 * step
+            hist = tl.zeros([16], dtype=tl.int32)
+            for member in range(0, experts_per_bin):
+                expert = tl.load(bin_experts_ptr + bin_id * experts_per_bin + member)
+                count = tl.load(counts_ptr + expert)
+                for start in range(0, count, BLOCK):
+                    pos = start + tl.arange(0, BLOCK)
+                    valid = pos < count
+                    key = tl.load(lists_ptr + expert * num_tokens + pos, mask=valid, other=0)
+                    unsigned = key ^ -9223372036854775808  # sign bit flipped: unsigned order
+                    if step > 0:
+                        high = tl.full([], -1, tl.int64) << (shift + 4)  # the digits already fixed
+                        valid = valid & ((unsigned & high) == prefix)
+                    digit = ((unsigned >> shift) & 15).to(tl.int32)
+                    hist += tl.sum(((digit[:, None] == digits[None, :]) & valid[:, None]).to(tl.int32), 0)
+            # Count of keys with digit >= d, and the largest d whose count still reaches `remaining`.
+            at_least = tl.sum(tl.where(digits[None, :] >= digits[:, None], hist[None, :], 0), 1)
+            chosen = tl.max(tl.where(at_least >= remaining, digits, 0), 0)
+            remaining -= tl.sum(tl.where(digits > chosen, hist, 0), 0)
+            prefix = prefix | (chosen.to(tl.int64) << shift)
+        threshold = prefix ^ -9223372036854775808
+    tl.store(thresholds_ptr + bin_id, threshold)
+    if WRITE_TOP:  # the keys at or above the threshold: at most `capacity` of them
+        written = 0
+        for member in range(0, experts_per_bin):
+            expert = tl.load(bin_experts_ptr + bin_id * experts_per_bin + member)
+            count = tl.load(counts_ptr + expert)
+            for start in range(0, count, BLOCK):
+                pos = start + tl.arange(0, BLOCK)
+                key = tl.load(lists_ptr + expert * num_tokens + pos, mask=pos < count, other=0)
+                flags = ((pos < count) & (key >= threshold)).to(tl.int32)
+                slot = written + tl.cumsum(flags, 0) - flags
+                tl.store(top_ptr + bin_id * capacity + slot, key, mask=flags != 0)
+                written += tl.sum(flags, 0)
+
+
+@triton.jit
+def _drop_kernel(
+    lists_ptr,
+    counts_ptr,
+    expert_to_bin_ptr,
+    thresholds_ptr,
+    keep_ptr,
+    weights_ptr,
+    kept_ptr,
+    overflow_ptr,
+    overflow_count_ptr,
+    overflow_size,
+    num_tokens,
+    num_experts,
+    token_offset,
+    WRITE_OVERFLOW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    expert = tl.program_id(0).to(tl.int64)
+    count = tl.load(counts_ptr + expert)
+    threshold = tl.load(thresholds_ptr + tl.load(expert_to_bin_ptr + expert))
+    dropped = 0
+    if threshold != -9223372036854775808:
+        for start in range(0, count, BLOCK):
+            pos = start + tl.arange(0, BLOCK)
+            key = tl.load(lists_ptr + expert * num_tokens + pos, mask=pos < count, other=0)
+            flags = ((pos < count) & (key < threshold)).to(tl.int32)
+            token = (4294967295 - (key & 0xFFFFFFFF)) // num_experts - token_offset
+            cleared = flags != 0
+            tl.store(keep_ptr + token * num_experts + expert, tl.zeros([BLOCK], tl.int8), mask=cleared)
+            zero_weight = tl.zeros([BLOCK], weights_ptr.dtype.element_ty)
+            tl.store(weights_ptr + token * num_experts + expert, zero_weight, mask=cleared)
+            block_dropped = tl.sum(flags, 0)
+            if WRITE_OVERFLOW:
+                base = tl.atomic_add(overflow_count_ptr, block_dropped)
+                slot = base + tl.cumsum(flags, 0) - flags
+                tl.store(overflow_ptr + slot, key, mask=cleared & (slot < overflow_size))
+            dropped += block_dropped
+    tl.store(kept_ptr + expert, (count - dropped).to(tl.int64))
+
+
+def _check_router_tensors(scores: torch.Tensor, *others: torch.Tensor) -> None:
+    if scores.dim() != 2 or any(other.shape != scores.shape for other in others):
         raise ValueError(
-            f"scores and candidates must both be [T, E], got {tuple(scores.shape)} and "
-            f"{tuple(candidates.shape)}"
+            "scores, candidates, routing_map and probs must all be [T, E], got "
+            f"{[tuple(t.shape) for t in (scores, *others)]}"
         )
     if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
-    if candidates.dtype != torch.bool:
-        raise TypeError(f"candidates must be torch.bool, got {candidates.dtype}")
-    num_tokens, num_experts = scores.shape
-    if num_experts > 512:
-        raise ValueError(f"the Triton planner supports up to 512 experts, got {num_experts}")
-    check_key_range(token_offset, num_tokens, num_experts)
+    if scores.shape[1] > TRITON_MAX_EXPERTS:
+        raise ValueError(
+            f"the Triton planner supports up to {TRITON_MAX_EXPERTS} experts, got {scores.shape[1]}; "
+            "use backend='torch' or 'auto'"
+        )
 
 
-def assignment_keys(
+def collect_candidates(
     scores: torch.Tensor,
     candidates: torch.Tensor,
+    routing_map: torch.Tensor,
+    probs: Optional[torch.Tensor],
     priority: str,
     seed: int = 0,
     token_offset: int = 0,
-) -> torch.Tensor:
-    """Triton twin of capaware_megatron.priority.assignment_keys: [T, E] int64."""
-    _check_key_inputs(scores, candidates, token_offset)
+) -> tuple[CandidateLists, torch.Tensor, torch.Tensor]:
+    """Triton twin of capaware_megatron.planner.collect_candidates: (lists, keep, weights).
+
+    keep and weights are the plan before capacity (every candidate kept); drop_below clears
+    what does not fit.
+    """
+    _check_router_tensors(scores, candidates, routing_map, *([] if probs is None else [probs]))
+    for name, mask in (("candidates", candidates), ("routing_map", routing_map)):
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be torch.bool, got {mask.dtype}")
     if priority not in PRIORITY_CODES:
         raise ValueError(f"priority must be one of {', '.join(PRIORITY_CODES)}; got {priority!r}")
     num_tokens, num_experts = scores.shape
-    keys = torch.empty(num_tokens, num_experts, dtype=torch.int64, device=scores.device)
+    check_key_range(token_offset, num_tokens, num_experts)
+    device = scores.device
+    weights_dtype = scores.dtype if probs is None else probs.dtype
+    keep = torch.empty(num_tokens, num_experts, dtype=torch.bool, device=device)
+    weights = torch.empty(num_tokens, num_experts, dtype=weights_dtype, device=device)
+    lists = CandidateLists(
+        keys=torch.empty(num_experts, num_tokens, dtype=torch.int64, device=device),
+        counts=torch.zeros(num_experts, dtype=torch.int32, device=device),
+        token_offset=token_offset,
+    )
     if num_tokens == 0:
-        return keys
+        return lists, keep, weights
     # bool storage read as bytes: no copy, any strides.
-    candidate_bytes = candidates.view(torch.uint8)
+    candidate_bytes, map_bytes = candidates.view(torch.uint8), routing_map.view(torch.uint8)
+    probs = scores if probs is None else probs
     block_e = min(triton.next_power_of_2(num_experts), 128)
     block_t = max(1, 4096 // block_e)
-    _keys_kernel[(triton.cdiv(num_tokens, block_t),)](
-        scores,
-        candidate_bytes,
-        keys,
-        num_tokens,
-        num_experts,
-        scores.stride(0),
-        scores.stride(1),
-        candidate_bytes.stride(0),
-        candidate_bytes.stride(1),
-        token_offset,
-        random_salt(seed),
-        PRIORITY=PRIORITY_CODES[priority],
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
+    _collect_kernel[(triton.cdiv(num_tokens, block_t),)](
+        scores, candidate_bytes, map_bytes, probs, keep.view(torch.int8), weights,
+        lists.keys, lists.counts, num_tokens, num_experts,
+        scores.stride(0), scores.stride(1), candidate_bytes.stride(0), candidate_bytes.stride(1),
+        map_bytes.stride(0), map_bytes.stride(1), probs.stride(0), probs.stride(1),
+        token_offset, random_salt(seed),
+        PRIORITY=PRIORITY_CODES[priority], HAS_PROBS=probs is not scores,
+        BLOCK_T=block_t, BLOCK_E=block_e,
     )
-    return keys
+    return lists, keep, weights
 
 
-def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
+def _select(
+    lists: CandidateLists, bin_experts: torch.Tensor, capacity: int, write_top: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    device = lists.keys.device
+    bin_experts = bin_experts.to(device=device, dtype=torch.int64).contiguous()
+    num_bins, per_bin = bin_experts.shape
+    thresholds = torch.full((num_bins,), NOT_ROUTED, dtype=torch.int64, device=device)
+    top = None
+    if write_top:
+        top = torch.full((num_bins, capacity), NOT_ROUTED, dtype=torch.int64, device=device)
+    num_tokens = lists.keys.shape[1]
+    if num_tokens == 0 or num_bins == 0:
+        return thresholds, top
+    _select_kernel[(num_bins,)](
+        lists.keys, lists.counts, bin_experts, thresholds, thresholds if top is None else top,
+        num_tokens, per_bin, capacity,
+        WRITE_TOP=write_top, BLOCK=1024, BLOCK_M=triton.next_power_of_2(per_bin),
+    )
+    return thresholds, top
+
+
+def bin_thresholds(lists: CandidateLists, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
     """[B] int64: the capacity-th largest key of each bin, NOT_ROUTED when it has fewer.
 
     Args:
-        keys: [T, E] int64 contiguous, from assignment_keys.
+        lists: from collect_candidates.
         bin_experts: [B, m] int64, the experts of each bin.
         capacity: C >= 1.
     """
-    if keys.dtype != torch.int64 or keys.dim() != 2:
-        raise TypeError(f"keys must be a [T, E] int64 tensor, got {keys.dtype} {tuple(keys.shape)}")
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    keys = keys.contiguous()
-    bin_experts = bin_experts.to(device=keys.device, dtype=torch.int64).contiguous()
-    num_bins, per_bin = bin_experts.shape
-    thresholds = torch.full((num_bins,), NOT_ROUTED, dtype=torch.int64, device=keys.device)
-    num_tokens, num_experts = keys.shape
-    if num_tokens == 0 or num_bins == 0:
-        return thresholds
-    _threshold_kernel[(num_bins,)](
-        keys, bin_experts, thresholds, num_tokens, num_experts, per_bin, capacity, BLOCK=1024
-    )
-    return thresholds
+    return _select(lists, bin_experts, capacity, write_top=False)[0]
 
 
-def apply_thresholds(
-    keys: torch.Tensor,
+def bin_top_keys(lists: CandidateLists, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, C] int64: each bin's largest keys, unordered, padded with NOT_ROUTED."""
+    return _select(lists, bin_experts, capacity, write_top=True)[1]
+
+
+def drop_below(
+    lists: CandidateLists,
     thresholds: torch.Tensor,
     expert_to_bin: torch.Tensor,
-    routing_map: torch.Tensor,
-    probs: torch.Tensor,
-    scores: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton twin of capaware_megatron.planner.apply_thresholds: (keep, weights, kept per expert)."""
-    num_tokens, num_experts = keys.shape
-    if routing_map.shape != keys.shape or probs.shape != keys.shape or scores.shape != keys.shape:
-        raise ValueError("keys, routing_map, probs and scores must all be [T, E]")
-    keys = keys.contiguous()
-    device = keys.device
-    keep = torch.empty(num_tokens, num_experts, dtype=torch.bool, device=device)
-    weights = torch.empty(num_tokens, num_experts, dtype=probs.dtype, device=device)
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    keep: torch.Tensor,
+    weights: torch.Tensor,
+    want_overflow: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Triton twin of capaware_megatron.planner.drop_below: (keep, weights, kept [E], dropped keys).
+
+    Clears keep and weights in place where a candidate's key is below its bin's threshold; the
+    dropped keys come back unordered (want_overflow; one host sync sizes their buffer).
+    """
+    num_experts, num_tokens = lists.keys.shape
+    device = lists.keys.device
+    kept = torch.empty(num_experts, dtype=torch.int64, device=device)
+    overflow_size = int(lists.counts.sum()) if want_overflow else 0
+    overflow = torch.empty(overflow_size, dtype=torch.int64, device=device)
+    overflow_count = torch.zeros(1, dtype=torch.int32, device=device)
     if num_tokens == 0:
-        return keep, weights, counts
-    map_bytes = routing_map.view(torch.uint8)
-    block_e = min(triton.next_power_of_2(num_experts), 128)
-    block_t = max(1, 4096 // block_e)
-    _apply_kernel[(triton.cdiv(num_tokens, block_t),)](
-        keys, thresholds.contiguous(), expert_to_bin.to(device=device, dtype=torch.int64).contiguous(),
-        map_bytes, probs, scores, keep.view(torch.int8), weights, counts,
-        num_tokens, num_experts,
-        map_bytes.stride(0), map_bytes.stride(1), probs.stride(0), probs.stride(1),
-        scores.stride(0), scores.stride(1),
-        BLOCK_T=block_t, BLOCK_E=block_e,
+        kept.zero_()
+        return keep, weights, kept, overflow if want_overflow else None
+    _drop_kernel[(num_experts,)](
+        lists.keys, lists.counts, expert_to_bin.to(device=device, dtype=torch.int64).contiguous(),
+        thresholds.contiguous(), keep.view(torch.int8), weights, kept,
+        overflow, overflow_count, overflow_size, num_tokens, num_experts, lists.token_offset,
+        WRITE_OVERFLOW=want_overflow, BLOCK=1024,
     )
-    return keep, weights, counts
+    if not want_overflow:
+        return keep, weights, kept, None
+    return keep, weights, kept, overflow[: int(overflow_count)]

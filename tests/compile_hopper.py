@@ -14,15 +14,29 @@ from capaware_megatron.kernels import permute, reroute, routing_plan
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
-KEYS_ARGS = {
-    "candidates_ptr": "*u8", "keys_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32",
-    "stride_st": "i32", "stride_se": "i32", "stride_ct": "i32", "stride_ce": "i32",
-    "token_offset": "i64", "salt": "i64",
+SELECT_ARGS = {
+    "lists_ptr": "*i64", "counts_ptr": "*i32", "bin_experts_ptr": "*i64", "thresholds_ptr": "*i64",
+    "top_ptr": "*i64", "num_tokens": "i32", "experts_per_bin": "i32", "capacity": "i32",
 }
-THRESHOLD_ARGS = {
-    "keys_ptr": "*i64", "bin_experts_ptr": "*i64", "thresholds_ptr": "*i64",
-    "num_tokens": "i32", "num_experts": "i32", "experts_per_bin": "i32", "capacity": "i32",
-}
+
+
+def _collect_args(scores, probs, offset="i64"):
+    return {
+        "scores_ptr": POINTER[scores], "candidates_ptr": "*u8", "map_ptr": "*u8",
+        "probs_ptr": POINTER[probs], "keep_ptr": "*i8", "weights_ptr": POINTER[probs],
+        "lists_ptr": "*i64", "counts_ptr": "*i32", "num_tokens": "i32", "num_experts": "i32",
+        **{f"stride_{name}": "i32" for name in ("st", "se", "ct", "ce", "mt", "me", "pt", "pe")},
+        "token_offset": offset, "salt": offset,
+    }
+
+
+def _drop_args(dtype):
+    return {
+        "lists_ptr": "*i64", "counts_ptr": "*i32", "expert_to_bin_ptr": "*i64",
+        "thresholds_ptr": "*i64", "keep_ptr": "*i8", "weights_ptr": POINTER[dtype], "kept_ptr": "*i64",
+        "overflow_ptr": "*i64", "overflow_count_ptr": "*i32", "overflow_size": "i32",
+        "num_tokens": "i32", "num_experts": "i32", "token_offset": "i32",
+    }
 
 
 PROPOSE_ARGS = {
@@ -41,31 +55,31 @@ def _permute_args(dtype):
     }
 
 
-def _apply_args(dtype):
-    return {
-        "keys_ptr": "*i64", "thresholds_ptr": "*i64", "expert_to_bin_ptr": "*i64", "map_ptr": "*u8",
-        "probs_ptr": POINTER[dtype], "scores_ptr": POINTER[dtype], "keep_ptr": "*i8",
-        "weights_ptr": POINTER[dtype], "counts_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32",
-        "stride_mt": "i32", "stride_me": "i32", "stride_pt": "i32", "stride_pe": "i32",
-        "stride_st": "i32", "stride_se": "i32",
-    }
-
-
 def variants():
     """(name, kernel, signature, constexprs) of every variant the launchers can produce."""
     for prio, code in routing_plan.PRIORITY_CODES.items():
         for dtype in POINTER if prio == "score" else ["fp32"]:
-            for block_e in (1, 128):
-                yield (
-                    f"keys-{prio}-{dtype}-E{block_e}", routing_plan._keys_kernel,
-                    {"scores_ptr": POINTER[dtype], **KEYS_ARGS},
-                    {"PRIORITY": code, "BLOCK_T": 4096 // block_e, "BLOCK_E": block_e},
-                )
-    yield "threshold", routing_plan._threshold_kernel, THRESHOLD_ARGS, {"BLOCK": 1024}
+            for has_probs in (False, True):
+                for block_e in (1, 128):
+                    yield (
+                        f"collect-{prio}-{dtype}-probs{int(has_probs)}-E{block_e}",
+                        routing_plan._collect_kernel, _collect_args(dtype, dtype),
+                        {"PRIORITY": code, "HAS_PROBS": has_probs, "BLOCK_T": 4096 // block_e,
+                         "BLOCK_E": block_e},
+                    )
+    # fp32 router weights with bf16 scores; 32-bit token offset and salt.
+    yield ("collect-score-bf16-fp32probs", routing_plan._collect_kernel, _collect_args("bf16", "fp32"),
+           {"PRIORITY": 0, "HAS_PROBS": True, "BLOCK_T": 32, "BLOCK_E": 128})
+    yield ("collect-random-i32", routing_plan._collect_kernel, _collect_args("fp32", "fp32", "i32"),
+           {"PRIORITY": 3, "HAS_PROBS": False, "BLOCK_T": 32, "BLOCK_E": 128})
+    for write_top in (False, True):
+        for block_m in (1, 512):
+            yield (f"select-top{int(write_top)}-M{block_m}", routing_plan._select_kernel, SELECT_ARGS,
+                   {"WRITE_TOP": write_top, "BLOCK": 1024, "BLOCK_M": block_m})
     for dtype in POINTER:
-        for block_e in (1, 128):
-            yield (f"apply-{dtype}-E{block_e}", routing_plan._apply_kernel, _apply_args(dtype),
-                   {"BLOCK_T": 4096 // block_e, "BLOCK_E": block_e})
+        for write_overflow in (False, True):
+            yield (f"drop-{dtype}-overflow{int(write_overflow)}", routing_plan._drop_kernel,
+                   _drop_args(dtype), {"WRITE_OVERFLOW": write_overflow, "BLOCK": 1024})
     for block_e in (8, 512):
         yield (f"propose-E{block_e}", reroute._propose_kernel, PROPOSE_ARGS,
                {"BLOCK_P": 4096 // block_e, "BLOCK_E": block_e})

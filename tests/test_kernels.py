@@ -19,23 +19,60 @@ SHAPES = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _with_local_candidates(routing_map):
+    """Expanded drop's candidates: the router's picks plus expert 0 (a local expert) everywhere."""
+    candidates = routing_map.clone()
+    candidates[:, 0] = True
+    return candidates
+
+
+def _lists_as_columns(lists, num_tokens):
+    """The Triton per-expert lists as the torch twin's [T, E] keys (NOT_ROUTED off the lists)."""
+    num_experts = lists.keys.shape[0]
+    keys = torch.full((num_tokens, num_experts), priority.NOT_ROUTED, dtype=torch.int64)
+    for expert in range(num_experts):
+        column = lists.keys[expert, : int(lists.counts[expert])]
+        tokens = priority.decode_token(column, num_experts, lists.token_offset)
+        assert not keys[tokens, expert].ne(priority.NOT_ROUTED).any(), "a token listed twice"
+        keys[tokens, expert] = column
+    return keys
+
+
 @pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prio", ["score", "position", "reverse", "random"])
-def test_keys_bit_exact(num_tokens, num_experts, topk, dtype, prio):
+def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio):
     scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype, skew=1.0)
-    got = kernels.assignment_keys(scores, routing_map, prio, seed=11, token_offset=3)
-    want = priority.assignment_keys(scores, routing_map, prio, seed=11, token_offset=3)
-    assert torch.equal(got, want)
+    candidates = _with_local_candidates(routing_map)
+    probs = (scores * routing_map * 1.7).to(dtype) if prio != "position" else None
+    args = (scores, candidates, routing_map, probs, prio, 11, 3)
+    lists, keep, weights = kernels.collect_candidates(*args)
+    want_keys, want_keep, want_weights = planner.collect_candidates(*args)
+    assert torch.equal(lists.counts.long(), candidates.sum(0))
+    assert torch.equal(_lists_as_columns(lists, num_tokens), want_keys)
+    assert torch.equal(keep, want_keep)
+    assert torch.equal(weights, want_weights)
 
 
-def test_keys_non_contiguous_inputs():
+def test_collect_candidates_non_contiguous_inputs():
     scores, routing_map = skewed_routing(40, 12, 3, skew=1.0)
-    scores_t = scores.t().contiguous().t()  # column-major storage
-    routing_t = routing_map.t().contiguous().t()
-    got = kernels.assignment_keys(scores_t, routing_t, "score")
-    assert not scores_t.is_contiguous()
-    assert torch.equal(got, priority.assignment_keys(scores, routing_map, "score"))
+    probs = scores * routing_map
+    column_major = [t.t().contiguous().t() for t in (scores, routing_map, probs)]
+    assert not column_major[0].is_contiguous()
+    lists, keep, weights = kernels.collect_candidates(
+        column_major[0], column_major[1], column_major[1], column_major[2], "score"
+    )
+    want_keys, want_keep, want_weights = planner.collect_candidates(
+        scores, routing_map, routing_map, probs, "score"
+    )
+    assert torch.equal(_lists_as_columns(lists, 40), want_keys)
+    assert torch.equal(keep, want_keep) and torch.equal(weights, want_weights)
+
+
+def _both_states(scores, candidates, prio="score", seed=0):
+    """(Triton lists, torch keys) of the same candidates."""
+    args = (scores, candidates, candidates, None, prio, seed)
+    return kernels.collect_candidates(*args)[0], planner.collect_candidates(*args)[0]
 
 
 @pytest.mark.parametrize(
@@ -45,12 +82,16 @@ def test_keys_non_contiguous_inputs():
     + [(64, 512, 8, 64)],  # 512 experts in 8 device bins (one program per bin: interpreter speed)
 )
 @pytest.mark.parametrize("capacity", [1, 3, 17, 1000])
-def test_thresholds_match_torch(num_tokens, num_experts, topk, per_bin, capacity):
+def test_thresholds_and_top_keys_match_torch(num_tokens, num_experts, topk, per_bin, capacity):
     scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0)
     bin_experts = torch.randperm(num_experts).view(-1, per_bin)  # bins need not be contiguous
-    keys = priority.assignment_keys(scores, routing_map, "score")
-    got = kernels.bin_thresholds(keys, bin_experts, capacity)
+    lists, keys = _both_states(scores, routing_map)
+    got = kernels.bin_thresholds(lists, bin_experts, capacity)
     assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
+    # Global scope's per-bin top keys: the same set (the kernel leaves them unordered).
+    got_top = kernels.bin_top_keys(lists, bin_experts, capacity)
+    want_top = planner.bin_top_keys(keys, bin_experts, capacity)
+    assert torch.equal(got_top.sort(1, descending=True).values, want_top)
 
 
 def test_thresholds_on_ties_and_extreme_keys():
@@ -59,9 +100,9 @@ def test_thresholds_on_ties_and_extreme_keys():
     routing_map = torch.ones(50, 4, dtype=torch.bool)
     bin_experts = torch.arange(4).view(4, 1)
     for prio in ["score", "random", "position"]:
-        keys = priority.assignment_keys(scores, routing_map, prio, seed=2**32 - 1)
-        for capacity in (1, 2, 25, 49):
-            got = kernels.bin_thresholds(keys, bin_experts, capacity)
+        lists, keys = _both_states(scores, routing_map, prio, seed=2**32 - 1)
+        for capacity in (1, 2, 25, 49, 50, 51):
+            got = kernels.bin_thresholds(lists, bin_experts, capacity)
             assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
 
 
@@ -71,17 +112,23 @@ def test_thresholds_on_ties_and_extreme_keys():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planner_backends_agree(policy, scope, prio, dtype):
     scores, routing_map = skewed_routing(96, 8, 2, skew=2.0, dtype=dtype)
-    kwargs = dict(local_experts=[0, 1], expert_to_rank=[0, 0, 1, 1, 2, 2, 3, 3])
+    # Router weights given (and renormalized) for score priority, defaulted for random.
+    probs = (scores * routing_map * 1.3).to(dtype) if prio == "score" else None
+    kwargs = dict(local_experts=[0, 1], expert_to_rank=[0, 0, 1, 1, 2, 2, 3, 3], probs=probs)
     plans = [
         plan_routing(
             scores, routing_map,
-            CapacityConfig(1.0, policy=policy, scope=scope, priority=prio, backend=backend),
+            CapacityConfig(
+                1.0, policy=policy, scope=scope, priority=prio, backend=backend,
+                renormalize=probs is not None,
+            ),
             **kwargs,
         )
         for backend in ("torch", "triton")
     ]
-    assert torch.equal(plans[0].routing_map, plans[1].routing_map)
-    assert torch.equal(plans[0].probs, plans[1].probs)
+    for field in ("routing_map", "probs", "tokens_per_expert_before", "tokens_per_expert_after",
+                  "num_dropped", "num_rerouted"):
+        assert torch.equal(getattr(plans[0], field), getattr(plans[1], field)), field
     assert plans[0].capacity == plans[1].capacity
 
 
@@ -119,16 +166,28 @@ def test_permutation_matches_megatron_permute():
 def test_kernel_input_errors():
     scores, routing_map = skewed_routing(4, 600, 2)
     with pytest.raises(ValueError, match="up to 512 experts"):
-        kernels.assignment_keys(scores, routing_map, "score")
+        kernels.collect_candidates(scores, routing_map, routing_map, None, "score")
     scores, routing_map = skewed_routing(4, 8, 2)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
-        kernels.assignment_keys(scores.double(), routing_map, "score")
+        kernels.collect_candidates(scores.double(), routing_map, routing_map, None, "score")
     with pytest.raises(TypeError, match="candidates must be torch.bool"):
-        kernels.assignment_keys(scores, routing_map.int(), "score")
+        kernels.collect_candidates(scores, routing_map.int(), routing_map, None, "score")
+    with pytest.raises(ValueError, match="must all be"):
+        kernels.collect_candidates(scores, routing_map, routing_map, scores[:2], "score")
     with pytest.raises(ValueError, match="priority must be one of"):
-        kernels.assignment_keys(scores, routing_map, "probs")
+        kernels.collect_candidates(scores, routing_map, routing_map, None, "probs")
+    lists = kernels.collect_candidates(scores, routing_map, routing_map, None, "score")[0]
     with pytest.raises(ValueError, match="capacity must be >= 1"):
-        kernels.bin_thresholds(torch.zeros(4, 8, dtype=torch.int64), torch.arange(8).view(8, 1), 0)
+        kernels.bin_thresholds(lists, torch.arange(8).view(8, 1), 0)
+
+
+def test_auto_backend_picks_triton_on_cuda_up_to_512_experts(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert planner._ops_for("auto", torch.zeros(4, 512)) is kernels
+    assert planner._ops_for("auto", torch.zeros(4, 513)) is planner  # beyond the kernels' limit
+    assert planner._ops_for("torch", torch.zeros(4, 8)) is planner
+    monkeypatch.undo()
+    assert planner._ops_for("auto", torch.zeros(4, 8)) is planner  # CPU tensors
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
@@ -141,22 +200,24 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 @pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_bin", [1, "all"])
-def test_apply_thresholds_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
+def test_drop_below_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
     scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0, dtype=dtype)
-    candidates = routing_map.clone()
-    candidates[:, 0] = True  # a local expert: candidates beyond the router's picks
+    candidates = _with_local_candidates(routing_map)
     probs = (scores * routing_map * 1.7).to(dtype)
     per_bin = num_experts if per_bin == "all" else per_bin
     expert_to_bin = torch.arange(num_experts) // per_bin
-    keys = priority.assignment_keys(scores, candidates, "score")
     bin_experts = torch.argsort(expert_to_bin, stable=True).view(-1, per_bin)
     capacity = max(1, num_tokens * topk // num_experts)
-    thresholds = planner.bin_thresholds(keys, bin_experts, capacity) if num_tokens else torch.full(
-        (num_experts // per_bin,), priority.NOT_ROUTED)
-    got = kernels.apply_thresholds(keys, thresholds, expert_to_bin, routing_map, probs, scores)
-    want = planner.apply_thresholds(keys, thresholds, expert_to_bin, routing_map, probs, scores)
-    for g, w in zip(got, want):
+    args = (scores, candidates, routing_map, probs, "score", 0, 5)
+    lists, keep, weights = kernels.collect_candidates(*args)
+    keys, want_keep, want_weights = planner.collect_candidates(*args)
+    thresholds = planner.bin_thresholds(keys, bin_experts, capacity)
+    got = kernels.drop_below(lists, thresholds, expert_to_bin, keep, weights, True)
+    want = planner.drop_below(keys, thresholds, expert_to_bin, want_keep, want_weights, True)
+    for g, w in zip(got[:3], want[:3]):
         assert torch.equal(g, w)
+    assert torch.equal(got[3].sort().values, want[3].sort().values)  # unordered from the kernel
+    assert kernels.drop_below(lists, thresholds, expert_to_bin, keep, weights, False)[3] is None
 
 
 @pytest.mark.parametrize("num_experts", [1, 5, 64, 512])

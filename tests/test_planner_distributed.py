@@ -1,5 +1,7 @@
 """Global scope over gloo ranks equals the single-process plan of the gathered batch."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from capaware_megatron.multiprocess import run_gloo
@@ -67,3 +69,22 @@ def test_global_scope_equals_single_process(world_size):
         assert sum(r[4] for r in results) == int(whole.num_rerouted)
         # The cap holds for what each expert receives from all ranks together.
         assert int(got_map.sum(0).max()) <= ref_cap
+
+
+def test_global_scope_triton_backend_equals_torch():
+    pytest.importorskip("capaware_megatron.kernels")
+    # Position priority: rank 0's tokens come first, so it alone holds some bins' group-wide top-C.
+    configs = [
+        CapacityConfig(1.0, policy=policy, scope="global", priority=priority, backend="triton")
+        for policy in ["drop", "reroute", "expanded"]
+        for priority in ["score", "position"]
+    ]
+    scores, routing_map, local, _ = _batch(2)
+    per_rank = run_gloo(_plan_on_rank, 2, configs)
+    for i, cfg in enumerate(configs):
+        got_map = torch.cat([r[i][0] for r in per_rank])
+        got_probs = torch.cat([r[i][1] for r in per_rank])
+        whole = plan_routing(scores, routing_map, replace(cfg, backend="torch"), local_experts=local)
+        assert torch.equal(got_map, whole.routing_map), cfg
+        assert torch.equal(got_probs, whole.probs), cfg
+        assert sum(r[i][3] for r in per_rank) == int(whole.num_dropped)
