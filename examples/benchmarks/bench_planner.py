@@ -6,6 +6,10 @@ Megatron-Core's path is apply_router_token_dropping (drop_policy="probs") follow
 permute index computation, i.e. what its all-to-all dispatcher does with a capacity factor.
 The memory floor is (scores read + plan written) / measured copy bandwidth: the plan is the
 routing map (1 B) and the weights (4 B) per (token, expert), plus the permutation indices.
+
+A second table models the Triton planner's DRAM traffic from the plan itself (which bins
+overflow, how much is dropped) and prints it against the same floor: what the kernels move
+when each byte is read from DRAM once, the bound on how close to the floor they can run.
 """
 
 from __future__ import annotations
@@ -54,6 +58,41 @@ def _ours(scores, routing_map, gamma, backend):
     return run
 
 
+def triton_traffic(num_tokens: int, num_experts: int, topk: int, plan) -> dict[str, int]:
+    """DRAM bytes of the Triton planner + permutation for this plan (fp32 scores, probs default).
+
+    The floor's bytes (collect reads scores and map, writes keep and weights; the permutation
+    writes its index and weight per kept assignment) plus the overhead: every candidate's key
+    written to its expert's list and read back for the over-full bins (K2's 16 radix passes and
+    K3's pass re-read it from L2), and two partial 32 B sectors cleared per dropped assignment.
+    Re-reads of data written moments before (the permutation's walk over the map) count as L2 hits.
+    """
+    overfull = plan.tokens_per_expert_before >= plan.capacity
+    return {
+        "floor": _floor_bytes(num_tokens, num_experts, int(plan.tokens_per_expert_after.sum())),
+        "lists": 8 * num_tokens * topk + 8 * int(plan.tokens_per_expert_before[overfull].sum()),
+        "clears": 64 * int(plan.num_dropped),
+    }
+
+
+def print_traffic_model(shapes, gamma: float) -> None:
+    print("\nTriton planner + permutation DRAM traffic, modelled from the plan (drop, score, fp32):")
+    print(f"{'shape':>18} {'floor MB':>9} {'lists MB':>9} {'clears MB':>9} {'total MB':>9} {'x floor':>7}")
+    for name, num_tokens, num_experts, topk in shapes:
+        scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
+        plan = plan_routing(scores, routing_map, CapacityConfig(gamma, backend="torch"), topk=topk)
+        parts = triton_traffic(num_tokens, num_experts, topk, plan)
+        total = sum(parts.values())
+        print(f"{name:>18} {parts['floor'] / 1e6:>9.2f} {parts['lists'] / 1e6:>9.2f} "
+              f"{parts['clears'] / 1e6:>9.2f} {total / 1e6:>9.2f} {total / parts['floor']:>7.2f}")
+
+
+def _floor_bytes(num_tokens: int, num_experts: int, assignments: int) -> int:
+    """Scores and map read (4 + 1 B), plan written (map 1 B, weights 4 B per (token, expert);
+    index 8 B + weight 4 B per assignment of the permutation)."""
+    return num_tokens * num_experts * (4 + 1 + 1 + 4) + assignments * (8 + 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -73,7 +112,7 @@ def main() -> None:
     for name, num_tokens, num_experts, topk in SHAPES:
         scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
         scores, routing_map = scores.to(device), routing_map.to(device)
-        traffic = num_tokens * num_experts * (4 + 1 + 1 + 4) + num_tokens * topk * 8
+        traffic = _floor_bytes(num_tokens, num_experts, num_tokens * topk)
         floor = traffic / bandwidth
         for provider in providers:
             fn = (
@@ -88,6 +127,7 @@ def main() -> None:
             rows.append(row)
             print(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>9} "
                   f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
+    print_traffic_model(SHAPES, args.gamma)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
