@@ -58,20 +58,24 @@ def _ours(scores, routing_map, gamma, backend):
     return run
 
 
-def triton_traffic(num_tokens: int, num_experts: int, topk: int, plan) -> dict[str, int]:
+def triton_traffic(routing_map: torch.Tensor, topk: int, plan) -> dict[str, int]:
     """DRAM bytes of the Triton planner + permutation for this plan (fp32 scores, probs default).
 
     The floor's bytes (collect reads scores and map, writes keep and weights; the permutation
     writes its index and weight per kept assignment) plus the overhead: every candidate's key
     written to its expert's list and read back for the over-full bins (K2's 16 radix passes and
-    K3's pass re-read it from L2), and two partial 32 B sectors cleared per dropped assignment.
-    Re-reads of data written moments before (the permutation's walk over the map) count as L2 hits.
+    K3's pass re-read it from L2), and the 32 B sectors of keep (1 B) and weights (4 B) that the
+    clears of dropped entries write. Re-reads of data written moments before (the permutation's
+    walk over the map) count as L2 hits.
     """
+    num_tokens, num_experts = routing_map.shape
     overfull = plan.tokens_per_expert_before >= plan.capacity
+    dropped = (routing_map & ~plan.routing_map).flatten().nonzero().squeeze(1)
+    sectors = sum(int(torch.unique(dropped * size // 32).numel()) for size in (1, 4))
     return {
         "floor": _floor_bytes(num_tokens, num_experts, int(plan.tokens_per_expert_after.sum())),
         "lists": 8 * num_tokens * topk + 8 * int(plan.tokens_per_expert_before[overfull].sum()),
-        "clears": 64 * int(plan.num_dropped),
+        "clears": 32 * sectors,
     }
 
 
@@ -81,7 +85,7 @@ def print_traffic_model(shapes, gamma: float) -> None:
     for name, num_tokens, num_experts, topk in shapes:
         scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
         plan = plan_routing(scores, routing_map, CapacityConfig(gamma, backend="torch"), topk=topk)
-        parts = triton_traffic(num_tokens, num_experts, topk, plan)
+        parts = triton_traffic(routing_map, topk, plan)
         total = sum(parts.values())
         print(f"{name:>18} {parts['floor'] / 1e6:>9.2f} {parts['lists'] / 1e6:>9.2f} "
               f"{parts['clears'] / 1e6:>9.2f} {total / 1e6:>9.2f} {total / parts['floor']:>7.2f}")
