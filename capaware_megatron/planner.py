@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -32,6 +32,8 @@ from .group import RoutingGroup
 from .priority import NOT_ROUTED, assignment_keys, decode_token
 
 ExpertSet = Union[Sequence[int], torch.Tensor]
+_MIN_WINDOW = 256  # fewest overflow items a reroute round looks at
+_FIRST_PREFERENCES = 16  # preferences a reroute proposal searches before the whole row
 
 __all__ = ["RoutingPlan", "plan_routing"]
 
@@ -156,8 +158,7 @@ def plan_routing(
     if cfg.policy == "reroute":
         token_idx = decode_token(dropped_keys, num_experts, token_offset)
         choice = _reroute(
-            scores, routing_map, token_idx, dropped_keys, tokens_after, bins, capacity,
-            global_group, token_offset, ops,
+            scores, routing_map, token_idx, dropped_keys, tokens_after, bins, capacity, global_group, ops
         )
         placed = choice >= 0
         token_idx, choice = token_idx[placed], choice[placed]
@@ -338,7 +339,6 @@ def _reroute(
     bins: _Bins,
     capacity: int,
     group: Optional[RoutingGroup],
-    token_offset: int,
     ops: ModuleType,
 ) -> torch.Tensor:
     """[M] int64: the new expert of each overflow item (token_idx, item_keys), or -1 (dropped).
@@ -349,32 +349,38 @@ def _reroute(
     (global scope) room is group-wide and the overflow of all ranks is placed together,
     identically on every rank. The items may come in any order.
     """
-    rows = scores[token_idx].float()
-    used = routing_map[token_idx]
-    token_id = token_idx + token_offset
+    tokens, item_token = torch.unique(token_idx, return_inverse=True)
+    rows, used = scores[tokens].float(), routing_map[tokens]
     kept_per_bin = torch.zeros(bins.num_bins, dtype=torch.int64, device=scores.device)
     kept_per_bin.index_add_(0, bins.expert_to_bin, kept_per_expert)
     mine = slice(0, token_idx.shape[0])
     if group is not None and group.world_size > 1:
+        # Every rank's items and token table, concatenated in rank order.
         kept_per_bin = group.all_gather(kept_per_bin).sum(0)
-        all_keys, lengths = group.gather_padded(item_keys, NOT_ROUTED)
-        valid = all_keys != NOT_ROUTED
-        item_keys = all_keys[valid]
-        rows = group.gather_padded(rows, 0.0)[0][valid]
-        used = group.gather_padded(used, False)[0][valid]
-        token_id = group.gather_padded(token_id, -1)[0][valid]
-        first = int(lengths[: group.rank].sum())
+        item_keys, item_counts = _gather_concat(group, item_keys, NOT_ROUTED)
+        rows, token_counts = _gather_concat(group, rows, 0.0)
+        used = _gather_concat(group, used, False)[0]
+        first_token = torch.cumsum(token_counts, 0) - token_counts
+        item_token = _gather_concat(group, item_token + first_token[group.rank], -1)[0]
+        first = int(item_counts[: group.rank].sum())
         mine = slice(first, first + token_idx.shape[0])
     return _place_overflow(
-        item_keys, rows, used, token_id, capacity - kept_per_bin, bins.expert_to_bin, ops
+        item_keys, item_token, rows, used, capacity - kept_per_bin, bins.expert_to_bin, ops
     )[mine]
+
+
+def _gather_concat(group: RoutingGroup, tensor: torch.Tensor, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's tensor (first dimensions differ) concatenated in rank order, and the lengths."""
+    padded, lengths = group.gather_padded(tensor, fill)
+    valid = torch.arange(padded.shape[1], device=lengths.device) < lengths.unsqueeze(1)
+    return padded[valid.to(padded.device)], lengths
 
 
 def _place_overflow(
     item_keys: torch.Tensor,
-    rows: torch.Tensor,
-    used: torch.Tensor,
-    token_id: torch.Tensor,
+    item_token: torch.Tensor,
+    token_rows: torch.Tensor,
+    token_used: torch.Tensor,
     room: torch.Tensor,
     expert_to_bin: torch.Tensor,
     ops: ModuleType,
@@ -383,9 +389,9 @@ def _place_overflow(
 
     Args:
         item_keys: [M] int64 priority of each overflow assignment.
-        rows: [M, E] fp32 scores of each item's token.
-        used: [M, E] bool, experts each item's token already uses (its router top-k).
-        token_id: [M] int64, equal for items of the same token.
+        item_token: [M] int64, each item's token (a row of the token table).
+        token_rows: [U, E] fp32 scores of each token.
+        token_used: [U, E] bool, experts each token already uses (its router top-k).
         room: [B] int64 free slots per bin.
         expert_to_bin: [E] int64.
         ops: the backend computing each round's proposals (propose_experts).
@@ -396,45 +402,46 @@ def _place_overflow(
     Each round, every pending item that would be the j-th of its token still pending takes the
     j-th best free expert of its token. Walking pending items by key, the choices are exactly the
     serial ones until the first item whose bin runs out of room; that prefix is committed and its
-    bin is then full, so every round fills a bin or ends the work.
+    bin is then full, so every round fills a bin or ends the work. A round looks only at a window
+    of the first pending items (a prefix of the serial order, so its proposals are exact), sized
+    from the previous round's commit: the work stays near O(M * E) instead of O(B * M * E).
     """
     num_items = item_keys.shape[0]
     device = item_keys.device
     choice = torch.full((num_items,), -1, dtype=torch.int64, device=device)
     if num_items == 0:
         return choice
+    num_bins = room.shape[0]
     room = room.clone()
-    order = torch.argsort(item_keys, descending=True)
+    token_used = token_used.clone()
     # The serial order: pending items sorted by key, highest first.
-    pending = order
-    _, token_slot = torch.unique(token_id, return_inverse=True)
-    token_used = torch.zeros(int(token_slot.max()) + 1, used.shape[1], dtype=torch.bool, device=device)
-    token_used[token_slot] = used
-    preference = torch.sort(rows, dim=1, descending=True, stable=True).indices  # [M, E]
+    pending = torch.argsort(item_keys, descending=True)
+    preference = torch.sort(token_rows, dim=1, descending=True, stable=True).indices  # [U, E]
+    window = max(_MIN_WINDOW, 2 * num_items // num_bins)
     while pending.numel() > 0:
-        slot = token_slot[pending]
+        head, rest = pending[:window], pending[window:]
+        slot = item_token[head]
         expert, has_choice = ops.propose_experts(
-            preference, pending, slot, _rank_within_group(slot), token_used, room, expert_to_bin
+            preference, slot, _rank_within_group(slot), token_used, room, expert_to_bin
         )
         bin_of = expert_to_bin[expert]
-        # Running count of choices per bin, in serial order (items without a choice take none).
-        one_hot = torch.nn.functional.one_hot(bin_of, room.shape[0]) * has_choice.unsqueeze(1)
-        fits = (one_hot.cumsum(0) * one_hot).sum(1) <= room[bin_of]
-        bad = has_choice & ~fits
-        cut = int(bad.nonzero()[0]) if bool(bad.any()) else pending.shape[0]
+        # Choices per bin so far, in serial order (items without a choice join no bin's count).
+        earlier_in_bin = _rank_within_group(torch.where(has_choice, bin_of, num_bins))
+        bad = has_choice & (earlier_in_bin >= room[bin_of])
+        cut = int(bad.nonzero()[0]) if bool(bad.any()) else head.shape[0]
         commit = has_choice.clone()
         commit[cut:] = False
-        choice[pending[commit]] = expert[commit]
-        room -= torch.bincount(bin_of[commit], minlength=room.shape[0])
+        choice[head[commit]] = expert[commit]
+        room -= torch.bincount(bin_of[commit], minlength=num_bins)
         token_used[slot[commit], expert[commit]] = True
         # Items without any free expert now never find one later (room and choice only shrink).
-        pending = pending[~commit & has_choice]
+        pending = torch.cat([head[~commit & has_choice], rest])
+        window = max(_MIN_WINDOW, 2 * cut) if cut < head.shape[0] else 2 * window
     return choice
 
 
 def propose_experts(
     preference: torch.Tensor,
-    pending: torch.Tensor,
     slot: torch.Tensor,
     rank_in_token: torch.Tensor,
     token_used: torch.Tensor,
@@ -444,16 +451,39 @@ def propose_experts(
     """One round's proposals: each pending item's (rank_in_token)-th free expert.
 
     Args:
-        preference: [M, E] every item's experts, best score first.
-        pending: [P] items still to place; slot: [P] their token's row of token_used;
+        preference: [U, E] every token's experts, best score first.
+        slot: [P] each pending item's token (a row of preference and token_used);
         rank_in_token: [P] pending items of the same token before this one.
         token_used: [U, E] bool, experts each token uses; room: [B]; expert_to_bin: [E].
 
     Returns:
         (expert [P] int64, has_choice [P] bool).
+
+    Most items find their expert among their token's first few preferences, so those are
+    searched first and only the items that find none there search the whole row.
     """
-    ranked = preference[pending]
-    free = (room[expert_to_bin] > 0)[ranked] & ~torch.gather(token_used[slot], 1, ranked)
+    free_expert = room[expert_to_bin] > 0
+    head = preference[:, : min(_FIRST_PREFERENCES, preference.shape[1])]
+    expert, has_choice = _nth_free(head, slot, rank_in_token, token_used, free_expert)
+    if head.shape[1] < preference.shape[1]:
+        retry = (~has_choice).nonzero().squeeze(1)
+        expert[retry], has_choice[retry] = _nth_free(
+            preference, slot[retry], rank_in_token[retry], token_used, free_expert
+        )
+    return expert, has_choice
+
+
+def _nth_free(
+    preference: torch.Tensor,
+    slot: torch.Tensor,
+    rank_in_token: torch.Tensor,
+    token_used: torch.Tensor,
+    free_expert: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's (rank_in_token)-th expert in its preference row with room and not yet used."""
+    ranked = preference[slot]
+    used = token_used.view(-1)[slot.unsqueeze(1) * token_used.shape[1] + ranked]
+    free = free_expert[ranked] & ~used
     running = free.long().cumsum(1)
     has_choice = running[:, -1] > rank_in_token
     position = (running <= rank_in_token.unsqueeze(1)).sum(1).clamp_max(ranked.shape[1] - 1)

@@ -1,8 +1,8 @@
 """Triton kernel: one round of reroute proposals (the inner step of the serial placement).
 
-    _propose_kernel  preference [M, E] int64 (each overflow item's experts, best score first),
-                     pending [P], slot [P], rank_in_token [P] int64, token_used [U, E] bool,
-                     room [B] int64, expert_to_bin [E] int64
+    _propose_kernel  preference [U, E] int64 (each overflow token's experts, best score first),
+                     slot [P] (each pending item's token), rank_in_token [P] int64,
+                     token_used [U, E] bool, room [B] int64, expert_to_bin [E] int64
                      -> expert [P] int64 (the rank_in_token-th free expert in preference order),
                         has_choice [P] bool
                      grid (cdiv(P, BLOCK_P),); one row of E <= 512 experts per item in registers:
@@ -25,7 +25,6 @@ from capaware_megatron.config import TRITON_MAX_EXPERTS
 @triton.jit
 def _propose_kernel(
     preference_ptr,
-    pending_ptr,
     slot_ptr,
     rank_ptr,
     used_ptr,
@@ -44,10 +43,9 @@ def _propose_kernel(
     cols = tl.arange(0, BLOCK_E).to(tl.int64)
     valid_cols = cols < num_experts
     inside = valid_rows[:, None] & valid_cols[None, :]
-    item = tl.load(pending_ptr + rows, mask=valid_rows, other=0)
     slot = tl.load(slot_ptr + rows, mask=valid_rows, other=0)
     rank = tl.load(rank_ptr + rows, mask=valid_rows, other=0)
-    ranked = tl.load(preference_ptr + item[:, None] * num_experts + cols[None, :], mask=inside, other=0)
+    ranked = tl.load(preference_ptr + slot[:, None] * num_experts + cols[None, :], mask=inside, other=0)
     room = tl.load(room_ptr + tl.load(bin_ptr + ranked, mask=inside, other=0), mask=inside, other=0)
     used = tl.load(used_ptr + slot[:, None] * num_experts + ranked, mask=inside, other=1)
     free = (inside & (room > 0) & (used == 0)).to(tl.int64)
@@ -62,7 +60,6 @@ def _propose_kernel(
 
 def propose_experts(
     preference: torch.Tensor,
-    pending: torch.Tensor,
     slot: torch.Tensor,
     rank_in_token: torch.Tensor,
     token_used: torch.Tensor,
@@ -70,7 +67,7 @@ def propose_experts(
     expert_to_bin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of capaware_megatron.planner.propose_experts: (expert [P], has_choice [P])."""
-    num_pending = pending.shape[0]
+    num_pending = slot.shape[0]
     num_experts = preference.shape[1]
     if num_experts > TRITON_MAX_EXPERTS:
         raise ValueError(
@@ -84,7 +81,7 @@ def propose_experts(
     block_e = triton.next_power_of_2(num_experts)
     block_p = max(1, 4096 // block_e)
     _propose_kernel[(triton.cdiv(num_pending, block_p),)](
-        preference.contiguous(), pending.long().contiguous(), slot.long().contiguous(),
+        preference.contiguous(), slot.long().contiguous(),
         rank_in_token.long().contiguous(), token_used.contiguous().view(torch.uint8),
         room.long().contiguous(), expert_to_bin.long().contiguous(), expert, has_choice.view(torch.int8),
         num_pending, num_experts, BLOCK_P=block_p, BLOCK_E=block_e,

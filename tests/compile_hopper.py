@@ -40,7 +40,7 @@ def _drop_args(dtype):
 
 
 PROPOSE_ARGS = {
-    "preference_ptr": "*i64", "pending_ptr": "*i64", "slot_ptr": "*i64", "rank_ptr": "*i64",
+    "preference_ptr": "*i64", "slot_ptr": "*i64", "rank_ptr": "*i64",
     "used_ptr": "*u8", "room_ptr": "*i64", "bin_ptr": "*i64", "expert_ptr": "*i64",
     "has_choice_ptr": "*i8", "num_pending": "i32", "num_experts": "i32",
 }

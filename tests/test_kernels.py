@@ -223,16 +223,15 @@ def test_drop_below_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
 @pytest.mark.parametrize("num_experts", [1, 5, 64, 512])
 def test_propose_experts_matches_torch(num_experts):
     gen = torch.Generator().manual_seed(num_experts)
-    num_items, num_tokens, num_bins = 40, 13, max(1, num_experts // 4)
-    preference = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_items)])
-    pending = torch.randperm(num_items, generator=gen)[:30]
-    slot = torch.randint(0, num_tokens, (30,), generator=gen)
-    rank_in_token = torch.randint(0, 3, (30,), generator=gen)
+    num_pending, num_tokens, num_bins = 30, 13, max(1, num_experts // 4)
+    preference = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_tokens)])
+    slot = torch.randint(0, num_tokens, (num_pending,), generator=gen)
+    rank_in_token = torch.randint(0, 3, (num_pending,), generator=gen)
     token_used = torch.rand(num_tokens, num_experts, generator=gen) < 0.3
     room = torch.randint(-1, 3, (num_bins,), generator=gen)
     room[0] = 2  # at least one bin with room
     expert_to_bin = torch.arange(num_experts) % num_bins
-    args = (preference, pending, slot, rank_in_token, token_used, room, expert_to_bin)
+    args = (preference, slot, rank_in_token, token_used, room, expert_to_bin)
     got_expert, got_has = kernels.propose_experts(*args)
     want_expert, want_has = planner.propose_experts(*args)
     assert torch.equal(got_has, want_has)

@@ -204,3 +204,18 @@ def test_input_errors():
         plan_routing(scores, routing_map, CapacityConfig(1.0, scope="device"), expert_to_rank=[0, 1])
     with pytest.raises(ValueError, match="probs must match"):
         plan_routing(scores, routing_map, cfg, probs=scores[:3])
+
+
+@pytest.mark.parametrize("min_window,first_preferences", [(1, 1), (7, 3), (10**9, 10**9)])
+@pytest.mark.parametrize("scope", ["local", "device"])
+def test_reroute_search_limits_do_not_change_the_plan(monkeypatch, min_window, first_preferences, scope):
+    # Reroute rounds look at a window of the pending items, and proposals search the first few
+    # preferences before whole rows: any window and any prefix length is exact.
+    from capaware_megatron import planner
+
+    monkeypatch.setattr(planner, "_MIN_WINDOW", min_window)
+    monkeypatch.setattr(planner, "_FIRST_PREFERENCES", first_preferences)
+    scores, routing_map = skewed_routing(300, 16, 4, skew=2.0, seed=9)
+    cfg = CapacityConfig(0.75, policy="reroute", scope=scope)
+    plan = _check_against_reference(scores, routing_map, cfg, expert_to_rank=_device_map(16))
+    assert int(plan.num_rerouted) > 100
