@@ -41,8 +41,8 @@ def _megatron_path(scores, routing_map, topk, gamma):
     return run
 
 
-def _ours(scores, routing_map, gamma, backend):
-    cfg = CapacityConfig(gamma, policy="drop", backend=backend)
+def _ours(scores, routing_map, gamma, backend, policy):
+    cfg = CapacityConfig(gamma, policy=policy, backend=backend)
 
     def run():
         plan = plan_routing(scores, routing_map, cfg, validate=False, topk=int(routing_map[0].sum()))
@@ -106,11 +106,14 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # megatron-core's "Apex / TE not installed" notices
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
-    providers = ["torch", "megatron"] + (["triton"] if device.type == "cuda" else [])
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    # Megatron-Core offers drop only; reroute rows show what placing the overflow costs.
+    providers = backends + ["megatron"] + [f"{backend}:reroute" for backend in backends]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {commit}")
-    print(f"policy drop, priority score, gamma {args.gamma}; times are medians\n")
-    header = f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>9} {'time ms':>9} {'GB/s':>7} {'floor ms':>9} {'x floor':>8}"
+    print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians\n")
+    header = (f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>15} {'time ms':>9} {'GB/s':>7} "
+              f"{'floor ms':>9} {'x floor':>8}")
     print(header)
     rows = []
     for name, num_tokens, num_experts, topk in SHAPES:
@@ -119,17 +122,18 @@ def main() -> None:
         traffic = _floor_bytes(num_tokens, num_experts, num_tokens * topk)
         floor = traffic / bandwidth
         for provider in providers:
+            backend, _, policy = provider.partition(":")
             fn = (
                 _megatron_path(scores, routing_map, topk, args.gamma)
                 if provider == "megatron"
-                else _ours(scores, routing_map, args.gamma, provider)
+                else _ours(scores, routing_map, args.gamma, backend, policy or "drop")
             )
             seconds = median_seconds(fn, device)
             row = dict(shape=name, T=num_tokens, E=num_experts, k=topk, provider=provider,
                        ms=seconds * 1e3, gbps=traffic / seconds / 1e9, floor_ms=floor * 1e3,
                        x_floor=seconds / floor, device=device_name(device), commit=commit)
             rows.append(row)
-            print(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>9} "
+            print(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
                   f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
     print_traffic_model(SHAPES, args.gamma)
     if args.csv:
