@@ -17,8 +17,9 @@ those of over-full bins.
                         largest key of the bin's lists, NOT_ROUTED when it has fewer. Optionally
                         (global scope) the keys at or above it -> top [B, C]. grid (B,). A bin
                         below capacity reads nothing else; one above it runs a radix select on
-                        the key's unsigned bit pattern, 4-bit digits from the top: 16 passes over
-                        its ~T*k/E list entries (L2-resident after the first).
+                        the key's unsigned bit pattern, 8-bit digits from the top (a 256-bucket
+                        tl.histogram per block): 8 passes over its ~T*k/E list entries
+                        (L2-resident after the first).
     K3 _drop_kernel     lists, thresholds -> clears keep/weights of the keys below their bin's
                         threshold, kept counts [E] int64, and (reroute) the dropped keys.
                         grid (E,); an expert of a bin below capacity stores its count and stops.
@@ -170,12 +171,12 @@ def _select_kernel(
     total = tl.sum(tl.load(counts_ptr + member_experts, mask=members < experts_per_bin, other=0), 0)
     threshold = tl.full([], -9223372036854775808, tl.int64)
     if total >= capacity:
-        digits = tl.arange(0, 16)
+        digits = tl.arange(0, 256)
         prefix = tl.zeros([], dtype=tl.int64)  # digits found so far, in the unsigned bit pattern
         remaining = capacity  # rank still sought among keys that share `prefix`
-        for step in tl.static_range(16):
-            shift = 60 - 4 * step
-            hist = tl.zeros([16], dtype=tl.int32)
+        for step in tl.static_range(8):
+            shift = 56 - 8 * step
+            hist = tl.zeros([256], dtype=tl.int32)
             for member in range(0, experts_per_bin):
                 expert = tl.load(bin_experts_ptr + bin_id * experts_per_bin + member)
                 count = tl.load(counts_ptr + expert)
@@ -185,12 +186,12 @@ def _select_kernel(
                     key = tl.load(lists_ptr + expert * num_tokens + pos, mask=valid, other=0)
                     unsigned = key ^ -9223372036854775808  # sign bit flipped: unsigned order
                     if step > 0:
-                        high = tl.full([], -1, tl.int64) << (shift + 4)  # the digits already fixed
+                        high = tl.full([], -1, tl.int64) << (shift + 8)  # the digits already fixed
                         valid = valid & ((unsigned & high) == prefix)
-                    digit = ((unsigned >> shift) & 15).to(tl.int32)
-                    hist += tl.sum(((digit[:, None] == digits[None, :]) & valid[:, None]).to(tl.int32), 0)
+                    digit = ((unsigned >> shift) & 255).to(tl.int32)
+                    hist += tl.histogram(digit, 256, mask=valid)
             # Count of keys with digit >= d, and the largest d whose count still reaches `remaining`.
-            at_least = tl.sum(tl.where(digits[None, :] >= digits[:, None], hist[None, :], 0), 1)
+            at_least = tl.cumsum(hist, 0, reverse=True)
             chosen = tl.max(tl.where(at_least >= remaining, digits, 0), 0)
             remaining -= tl.sum(tl.where(digits > chosen, hist, 0), 0)
             prefix = prefix | (chosen.to(tl.int64) << shift)

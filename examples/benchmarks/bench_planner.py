@@ -63,7 +63,7 @@ def triton_traffic(routing_map: torch.Tensor, topk: int, plan) -> dict[str, int]
 
     The floor's bytes (collect reads scores and map, writes keep and weights; the permutation
     writes its index and weight per kept assignment) plus the overhead: every candidate's key
-    written to its expert's list and read back for the over-full bins (K2's 16 radix passes and
+    written to its expert's list and read back for the over-full bins (K2's 8 radix passes and
     K3's pass re-read it from L2), and the 32 B sectors of keep (1 B) and weights (4 B) that the
     clears of dropped entries write. Re-reads of data written moments before (the permutation's
     walk over the map) count as L2 hits.
