@@ -167,6 +167,10 @@ def plan_routing(
         tokens_after = tokens_after + torch.bincount(choice, minlength=num_experts)
         num_rerouted = placed.sum(dtype=torch.int64)
         num_dropped = num_dropped - num_rerouted
+    if ops is not sys.modules[__name__] and _needs_grad(scores, probs):
+        # Kernels write the weights outside autograd: take the same values through torch ops so
+        # the router's gradient flows through the plan's combine weights.
+        new_probs = torch.where(new_map, _router_or_score(routing_map, probs, scores), 0)
     if cfg.renormalize:
         new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
     return RoutingPlan(
@@ -185,6 +189,19 @@ def _router_weights(
 ) -> torch.Tensor:
     """The router's combine weights: probs, or the scores of its picks when none are given."""
     return scores * routing_map if probs is None else probs
+
+
+def _router_or_score(
+    routing_map: torch.Tensor, probs: Optional[torch.Tensor], scores: torch.Tensor
+) -> torch.Tensor:
+    """[T, E]: the weight each candidate gets if kept: the router's for its picks, else the score."""
+    return scores if probs is None else torch.where(routing_map, probs, scores.to(probs.dtype))
+
+
+def _needs_grad(scores: torch.Tensor, probs: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (
+        scores.requires_grad or (probs is not None and probs.requires_grad)
+    )
 
 
 def _group_layout(
@@ -256,7 +273,7 @@ def collect_candidates(
     kept, router picks with the router weight (probs, default the score), others with the score.
     """
     keys = assignment_keys(scores, candidates, priority, seed, token_offset)
-    weights = scores if probs is None else torch.where(routing_map, probs, scores.to(probs.dtype))
+    weights = _router_or_score(routing_map, probs, scores)
     return keys, candidates.clone(), weights.masked_fill(~candidates, 0)
 
 

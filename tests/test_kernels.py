@@ -132,6 +132,29 @@ def test_planner_backends_agree(policy, scope, prio, dtype):
     assert plans[0].capacity == plans[1].capacity
 
 
+@pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
+def test_triton_plan_passes_gradients_like_torch(policy):
+    # Training with capacity: the router learns through the plan's combine weights.
+    scores, routing_map = skewed_routing(64, 8, 2, skew=2.0)
+    grads = []
+    for backend in ("torch", "triton"):
+        leaf_scores = scores.clone().requires_grad_()
+        leaf_probs = (scores * routing_map * 1.3).requires_grad_()
+        plan = plan_routing(
+            leaf_scores, routing_map,
+            CapacityConfig(1.0, policy=policy, backend=backend, apply_in_training=True),
+            probs=leaf_probs, local_experts=[0, 1], training=True,
+        )
+        weights = torch.arange(8.0) + 1  # per-expert weights: gradients differ by expert
+        (plan.probs * weights).sum().backward()
+        grads.append((leaf_scores.grad, leaf_probs.grad, plan.routing_map))
+    assert torch.equal(grads[0][2], grads[1][2])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert grads[1][1].abs().sum() > 0  # kept router picks pass gradient to probs
+    if policy != "drop":  # rerouted / local candidates take their score: gradient to scores
+        assert grads[1][0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_permutation_indices(num_tokens, num_experts, topk, dtype):
