@@ -87,4 +87,10 @@ def permutation_indices(
         probs.stride(1),
         BLOCK_T=1024,
     )
+    if torch.is_grad_enabled() and probs.requires_grad:
+        # The kernel writes outside autograd: gather the same weights through torch.
+        experts = torch.repeat_interleave(
+            torch.arange(num_experts, device=routing_map.device), tokens_per_expert, output_size=total
+        )
+        permuted_probs = probs[sorted_indices, experts]
     return sorted_indices, permuted_probs, tokens_per_expert

@@ -172,6 +172,18 @@ def test_permutation_indices(num_tokens, num_experts, topk, dtype):
     torch.testing.assert_close(back, hidden * routing_map.sum(1, keepdim=True))
 
 
+def test_permuted_probs_pass_gradients():
+    scores, routing_map = skewed_routing(50, 8, 2)
+    probs = (scores * routing_map).requires_grad_()
+    _, permuted_probs, _ = kernels.permutation_indices(routing_map, probs)
+    (permuted_probs * torch.arange(permuted_probs.shape[0])).sum().backward()
+    reference = probs.detach().clone().requires_grad_()
+    want = reference.T.masked_select(routing_map.T)
+    (want * torch.arange(want.shape[0])).sum().backward()
+    assert torch.equal(permuted_probs.detach(), want.detach())
+    assert torch.equal(probs.grad, reference.grad)
+
+
 def test_permutation_matches_megatron_permute():
     moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
     scores, routing_map = skewed_routing(100, 8, 2)
