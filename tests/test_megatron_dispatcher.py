@@ -2,9 +2,12 @@
 
 Peers: the stock all-to-all dispatcher (dropless must be identical, outputs and gradients),
 Megatron-Core's own capacity drop (moe_expert_capacity_factor + moe_token_drop_policy="probs"
-must equal scope local, policy drop), and the single-process planner on the gathered batch
-(scope global).
+must equal scope local, policy drop), the single-process planner on the gathered batch
+(scope global), and the torch planner for the Triton backend (interpreter on CPU).
 """
+
+import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,6 +102,14 @@ def _dispatcher_checks(rank, world_size, layout):
     results["training is dropless"] = (
         stock, mh.forward_backward(mh.moe_layer(layout, "capaware", CapacityConfig(1.0)), x)
     )
+    if importlib.util.find_spec("triton") is not None:
+        # The Triton planner inside the layer, with gradients (router included).
+        for policy in ("drop", "reroute"):
+            cfg = CapacityConfig(1.0, policy=policy, apply_in_training=True, backend="torch")
+            results[f"{policy}: Triton backend vs torch, train"] = tuple(
+                mh.forward_backward(mh.moe_layer(layout, "capaware", replace(cfg, backend=backend)), x)
+                for backend in ("torch", "triton")
+            )
     # Decode-sized step: 2 tokens x top-2 over 8 experts is below min_capacity 1.
     tiny = mh.local_input(2, seed=300 + rank)
     results["decode guard"] = (
