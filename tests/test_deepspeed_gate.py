@@ -4,6 +4,7 @@ Peers: DeepSpeed's own dropless MoE (policy none / gamma None must match it) and
 single-process computation of the layer with the loop reference planner's weights.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -62,6 +63,16 @@ def _gate_checks(rank, world_size, ep_size):
         (y.square().mean() + l_aux).backward()
         grads = [p.grad for p in layer.parameters()]
         out[("train", k)] = (xg.grad, all(g is not None and torch.isfinite(g).all() for g in grads))
+    if importlib.util.find_spec("triton") is not None:
+        # The Triton planner (interpreter on CPU) trains exactly like the torch one.
+        for backend in ("torch", "triton"):
+            layer = dh.moe_layer(ep_size, 2).train()
+            apply(layer, {"capacity_aware": {"capacity_factor": 1.0, "policy": "reroute",
+                                             "apply_in_training": True, "backend": backend}})
+            xg = x.clone().requires_grad_(True)
+            y, l_aux, _ = layer(xg)
+            (y.square().mean() + l_aux).backward()
+            out[("backend", backend)] = (y, xg.grad, [p.grad for p in layer.parameters()])
     import torch.distributed as dist
 
     ep_rank = dist.get_rank(layer.deepspeed_moe.ep_group)
@@ -92,6 +103,10 @@ def test_gate_against_deepspeed_and_reference(world_size, ep_size):
                 torch.testing.assert_close(y, dh.dense_moe(x, ref_probs), msg=f"rank {rank} k={k} {name}")
             grad, finite = result["out"][("train", k)]
             assert finite and torch.isfinite(grad).all()
+        if ("backend", "triton") in result["out"]:
+            for want, got in zip(result["out"][("backend", "torch")], result["out"][("backend", "triton")]):
+                for a, b in zip(want if isinstance(want, list) else [want], got if isinstance(got, list) else [got]):
+                    torch.testing.assert_close(b, a, msg=f"rank {rank}: Triton backend vs torch")
 
 
 def _dense_and_monitor(rank, world_size, tmp):
