@@ -445,12 +445,13 @@ def _place_overflow(
         # Choices per bin so far, in serial order (items without a choice join no bin's count).
         earlier_in_bin = _rank_within_group(torch.where(has_choice, bin_of, num_bins))
         bad = has_choice & (earlier_in_bin >= room[bin_of])
-        cut = int(bad.nonzero()[0]) if bool(bad.any()) else head.shape[0]
-        commit = has_choice.clone()
-        commit[cut:] = False
-        choice[head[commit]] = expert[commit]
-        room -= torch.bincount(bin_of[commit], minlength=num_bins)
-        token_used[slot[commit], expert[commit]] = True
+        positions = torch.arange(head.shape[0], device=device)
+        cut = int(torch.where(bad, positions, head.shape[0]).min())
+        commit = has_choice & (positions < cut)
+        committed = commit.nonzero().squeeze(1)
+        choice[head[committed]] = expert[committed]
+        room -= torch.bincount(bin_of[committed], minlength=num_bins)
+        token_used[slot[committed], expert[committed]] = True
         # Items without any free expert now never find one later (room and choice only shrink).
         pending = torch.cat([head[~commit & has_choice], rest])
         window = max(_MIN_WINDOW, 2 * cut) if cut < head.shape[0] else 2 * window
@@ -602,7 +603,8 @@ def _bins(
         return _Bins(torch.arange(num_experts, device=device), num_experts, 1)
     if expert_to_rank is None:
         raise ValueError("scope='device' needs expert_to_rank ([num_experts] EP rank of each expert)")
-    mapping = _as_index_tensor("expert_to_rank", expert_to_rank, device)
+    # Checked on the host: no device syncs per plan (the mapping is a few hundred entries).
+    mapping = _as_index_tensor("expert_to_rank", expert_to_rank, torch.device("cpu"))
     if mapping.numel() != num_experts:
         raise ValueError(
             f"expert_to_rank has {mapping.numel()} entries, expected num_experts={num_experts}"
@@ -614,7 +616,7 @@ def _bins(
             "expert_to_rank must give every EP rank 0..R-1 the same number of experts, "
             f"got counts {per_rank.tolist()}"
         )
-    return _Bins(mapping, num_ranks, num_experts // num_ranks)
+    return _Bins(mapping.to(device), num_ranks, num_experts // num_ranks)
 
 
 def _local_mask(
@@ -626,9 +628,8 @@ def _local_mask(
     validate: bool,
 ) -> torch.Tensor:
     """[E] or [T, E] bool: the experts on each token's own device (policy expanded)."""
-    mask = torch.zeros(num_experts, dtype=torch.bool, device=device)
     if cfg.policy != "expanded":
-        return mask
+        return torch.zeros(num_experts, dtype=torch.bool, device=device)
     if local_experts is None:
         raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
     if isinstance(local_experts, torch.Tensor) and local_experts.dtype == torch.bool:
@@ -638,8 +639,9 @@ def _local_mask(
                 f"got {tuple(local_experts.shape)}"
             )
         return local_experts.to(device)
-    index = _as_index_tensor("local_experts", local_experts, device)
+    index = _as_index_tensor("local_experts", local_experts, torch.device("cpu"))
     if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_experts):
         raise ValueError(f"local_experts must lie in [0, {num_experts}), got {index.tolist()}")
+    mask = torch.zeros(num_experts, dtype=torch.bool)
     mask[index] = True
-    return mask
+    return mask.to(device)
