@@ -44,7 +44,9 @@ def _lists_as_columns(lists, num_tokens):
 def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio):
     scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype, skew=1.0)
     candidates = _with_local_candidates(routing_map)
-    probs = (scores * routing_map * 1.7).to(dtype) if prio != "position" else None
+    # Router weights: none (position), the scores' dtype, or fp32 beside lower-precision scores.
+    probs_dtype = torch.float32 if prio == "random" else dtype
+    probs = (scores.float() * routing_map * 1.7).to(probs_dtype) if prio != "position" else None
     args = (scores, candidates, routing_map, probs, prio, 11, 3)
     lists, keep, weights = kernels.collect_candidates(*args)
     want_keys, want_keep, want_weights = planner.collect_candidates(*args)
