@@ -386,11 +386,13 @@ def _reroute(
     )[mine]
 
 
-def _gather_concat(group: RoutingGroup, tensor: torch.Tensor, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_concat(
+    group: RoutingGroup, tensor: torch.Tensor, fill: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's tensor (first dimensions differ) concatenated in rank order, and the lengths."""
     padded, lengths = group.gather_padded(tensor, fill)
-    valid = torch.arange(padded.shape[1], device=lengths.device) < lengths.unsqueeze(1)
-    return padded[valid.to(padded.device)], lengths
+    valid = torch.arange(padded.shape[1], device=padded.device) < lengths.unsqueeze(1)
+    return padded[valid], lengths
 
 
 def _place_overflow(
