@@ -11,7 +11,7 @@ EXTRAS = {
     # (see README); on 3.12+ this extra installs it normally.
     "megatron": ["megatron-core>=0.19,<0.20", "numpy", "packaging>=24.2"],
     "deepspeed": ["deepspeed>=0.19,<0.20"],
-    "triton": ["triton>=3.4"],
+    "triton": ["triton>=3.5"],
     "wandb": ["wandb>=0.20", "numpy", "pillow"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "numpy", "pytest-timeout"],
 }

@@ -333,9 +333,7 @@ def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
     except ImportError as err:
         if backend == "auto":
             return sys.modules[__name__]
-        raise ImportError(
-            "backend='triton' needs triton: pip install 'capaware_megatron[triton]'"
-        ) from err
+        raise ImportError(f"backend='triton' is unavailable: {err}") from err
     if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"backend='triton' needs CUDA tensors (scores are on {scores.device}); "

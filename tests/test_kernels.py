@@ -276,3 +276,16 @@ def test_propose_experts_matches_torch(num_experts):
     assert want_has.any()
     if num_experts <= 5:  # few experts: some items find none (both branches exercised)
         assert not want_has.all()
+
+
+def test_old_triton_is_refused_with_a_clear_error(monkeypatch):
+    import importlib
+
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    with pytest.raises(ImportError, match=r"triton >= 3\.5, found 3\.4\.0"):
+        importlib.reload(kernels)
+    monkeypatch.undo()
+    importlib.reload(kernels)
+    assert kernels._version_tuple("3.10.0+git1234") == (3, 10)
