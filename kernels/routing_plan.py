@@ -367,7 +367,7 @@ def drop_below(
     """Triton twin of capaware_megatron.planner.drop_below: (keep, weights, kept [E], dropped keys).
 
     Clears keep and weights in place where a candidate's key is below its bin's threshold; the
-    dropped keys come back unordered (want_overflow; one host sync sizes their buffer).
+    dropped keys come back unordered (want_overflow: two host syncs size and trim their buffer).
     """
     num_experts, num_tokens = lists.keys.shape
     device = lists.keys.device
