@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from capaware_megatron.config import TRITON_MAX_EXPERTS
+from .routing_plan import check_num_experts
 
 
 @triton.jit
@@ -69,10 +69,7 @@ def propose_experts(
     """Triton twin of capaware_megatron.planner.propose_experts: (expert [P], has_choice [P])."""
     num_pending = slot.shape[0]
     num_experts = preference.shape[1]
-    if num_experts > TRITON_MAX_EXPERTS:
-        raise ValueError(
-            f"the Triton planner supports up to {TRITON_MAX_EXPERTS} experts, got {num_experts}"
-        )
+    check_num_experts(num_experts)
     device = preference.device
     expert = torch.empty(num_pending, dtype=torch.int64, device=device)
     has_choice = torch.empty(num_pending, dtype=torch.bool, device=device)

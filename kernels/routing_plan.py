@@ -252,6 +252,15 @@ def _drop_kernel(
     tl.store(kept_ptr + expert, (count - dropped).to(tl.int64))
 
 
+def check_num_experts(num_experts: int) -> None:
+    """The kernels hold a row of experts per program: at most TRITON_MAX_EXPERTS."""
+    if num_experts > TRITON_MAX_EXPERTS:
+        raise ValueError(
+            f"the Triton planner supports up to {TRITON_MAX_EXPERTS} experts, got {num_experts}; "
+            "use backend='torch' or 'auto'"
+        )
+
+
 def _check_router_tensors(scores: torch.Tensor, *others: torch.Tensor) -> None:
     if scores.dim() != 2 or any(other.shape != scores.shape for other in others):
         raise ValueError(
@@ -260,11 +269,7 @@ def _check_router_tensors(scores: torch.Tensor, *others: torch.Tensor) -> None:
         )
     if scores.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
-    if scores.shape[1] > TRITON_MAX_EXPERTS:
-        raise ValueError(
-            f"the Triton planner supports up to {TRITON_MAX_EXPERTS} experts, got {scores.shape[1]}; "
-            "use backend='torch' or 'auto'"
-        )
+    check_num_experts(scores.shape[1])
 
 
 def collect_candidates(
