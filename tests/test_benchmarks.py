@@ -24,7 +24,7 @@ def test_every_provider_runs(provider):
     run = (
         bench_planner._megatron_path(scores, routing_map, 2, 1.0)
         if provider == "megatron"
-        else bench_planner._ours(scores, routing_map, 1.0, backend, policy or "drop")
+        else bench_planner._ours(scores, routing_map, 2, 1.0, backend, policy or "drop")
     )
     run()
 

@@ -41,11 +41,11 @@ def _megatron_path(scores, routing_map, topk, gamma):
     return run
 
 
-def _ours(scores, routing_map, gamma, backend, policy):
+def _ours(scores, routing_map, topk, gamma, backend, policy):
     cfg = CapacityConfig(gamma, policy=policy, backend=backend)
 
     def run():
-        plan = plan_routing(scores, routing_map, cfg, validate=False, topk=int(routing_map[0].sum()))
+        plan = plan_routing(scores, routing_map, cfg, validate=False, topk=topk)
         if backend == "triton":
             from capaware_megatron.kernels import permutation_indices
 
@@ -126,7 +126,7 @@ def main() -> None:
             fn = (
                 _megatron_path(scores, routing_map, topk, args.gamma)
                 if provider == "megatron"
-                else _ours(scores, routing_map, args.gamma, backend, policy or "drop")
+                else _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop")
             )
             seconds = median_seconds(fn, device)
             row = dict(shape=name, T=num_tokens, E=num_experts, k=topk, provider=provider,
