@@ -72,7 +72,7 @@ def _gate_checks(rank, world_size, ep_size):
             xg = x.clone().requires_grad_(True)
             y, l_aux, _ = layer(xg)
             (y.square().mean() + l_aux).backward()
-            out[("backend", backend)] = (y, xg.grad, [p.grad for p in layer.parameters()])
+            out[("backend", backend)] = [y, xg.grad, *(p.grad for p in layer.parameters())]
     import torch.distributed as dist
 
     ep_rank = dist.get_rank(layer.deepspeed_moe.ep_group)
@@ -104,9 +104,10 @@ def test_gate_against_deepspeed_and_reference(world_size, ep_size):
             grad, finite = result["out"][("train", k)]
             assert finite and torch.isfinite(grad).all()
         if ("backend", "triton") in result["out"]:
-            for want, got in zip(result["out"][("backend", "torch")], result["out"][("backend", "triton")]):
-                for a, b in zip(want if isinstance(want, list) else [want], got if isinstance(got, list) else [got]):
-                    torch.testing.assert_close(b, a, msg=f"rank {rank}: Triton backend vs torch")
+            want_all, got_all = result["out"][("backend", "torch")], result["out"][("backend", "triton")]
+            assert len(want_all) == len(got_all)
+            for want, got in zip(want_all, got_all):
+                torch.testing.assert_close(got, want, msg=f"rank {rank}: Triton backend vs torch")
 
 
 def _dense_and_monitor(rank, world_size, tmp):
