@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal, Optional, get_args
+from typing import Any, Literal, Mapping, Optional, get_args
 
 Policy = Literal["none", "drop", "reroute", "expanded"]
 Priority = Literal["score", "position", "reverse", "random"]
@@ -35,10 +35,13 @@ class CapacityConfig:
     capacity_factor: Optional[float] = None
     """gamma. None means dropless: the plan is the identity."""
 
-    policy: Policy = "drop"
+    policy: Optional[Policy] = None
     """none: pass-through; drop: keep each expert's top-C assignments; reroute: overflow moves to
     the token's next-best expert with room; expanded: candidates are top-k plus the experts hosted
-    on the token's own device, each expert keeps its top-C candidates."""
+    on the token's own device, each expert keeps its top-C candidates. None (the default) resolves
+    to drop when capacity_factor is set and to none when it is not; a capping policy named without
+    a capacity_factor, or a capacity_factor with policy none, is refused (either would silently do
+    nothing)."""
 
     priority: Priority = "score"
     """Which assignments an over-full expert keeps: score (router probability), position (earliest
@@ -65,6 +68,8 @@ class CapacityConfig:
     """auto: Triton for CUDA tensors when triton is installed, else torch."""
 
     def __post_init__(self) -> None:
+        if self.policy is None:  # frozen: resolve the default in place, once
+            object.__setattr__(self, "policy", "none" if self.capacity_factor is None else "drop")
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("priority", self.priority, PRIORITIES)
         _check_choice("scope", self.scope, SCOPES)
@@ -87,6 +92,11 @@ class CapacityConfig:
                     f"capacity_factor={self.capacity_factor} has no effect with policy='none': "
                     "use policy 'drop', 'reroute' or 'expanded', or capacity_factor=None"
                 )
+        elif self.policy != "none":
+            raise ValueError(
+                f"policy={self.policy!r} needs a capacity_factor (gamma > 0); without one the plan "
+                "is dropless: set capacity_factor, or use policy 'none' (or leave policy unset)"
+            )
         for name in ("min_capacity", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -107,6 +117,18 @@ class CapacityConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "CapacityConfig":
+        """A CapacityConfig from a mapping of its fields; unknown keys are refused by name."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"expected a mapping of CapacityConfig fields, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown CapacityConfig field(s) {unknown}; allowed: {', '.join(cls.field_names())}"
+            )
+        return cls(**values)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

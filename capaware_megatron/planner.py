@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -32,6 +32,7 @@ from .group import RoutingGroup
 from .priority import NOT_ROUTED, assignment_keys, decode_token
 
 ExpertSet = Union[Sequence[int], torch.Tensor]
+CapacityFn = Callable[[int, int, int, float, int], int]
 _MIN_WINDOW = 256  # fewest overflow items a reroute round looks at
 _FIRST_PREFERENCES = 16  # preferences a reroute proposal searches before the whole row
 
@@ -80,7 +81,7 @@ class _Bins:
 def plan_routing(
     scores: torch.Tensor,
     routing_map: torch.Tensor,
-    cfg: CapacityConfig,
+    cfg: Union[CapacityConfig, Mapping[str, Any]],
     *,
     local_experts: Optional[ExpertSet] = None,
     expert_to_rank: Optional[ExpertSet] = None,
@@ -89,13 +90,14 @@ def plan_routing(
     group: Optional[RoutingGroup] = None,
     training: bool = False,
     validate: bool = True,
+    capacity_fn: CapacityFn = expert_capacity,
 ) -> RoutingPlan:
     """Cap every expert's (or EP rank's) load and decide what is kept, dropped or moved.
 
     Args:
         scores: [T, E] full router probabilities (softmax over all experts), fp32/bf16/fp16.
         routing_map: [T, E] bool, the router's top-k choice.
-        cfg: the capacity configuration.
+        cfg: the capacity configuration, or a mapping of its fields (unknown keys are refused).
         local_experts: experts hosted on this rank (indices or a [E] bool mask), or a [T, E] bool
             mask of each token's own device's experts; policy expanded.
         expert_to_rank: [E] EP rank hosting each expert; scope device.
@@ -104,11 +106,15 @@ def plan_routing(
         topk: k; inferred from routing_map (a host sync) when None.
         group: the ranks a global-scope plan spans; None is a group of one.
         training: the module's mode; capacity applies in training only with apply_in_training.
-        validate: check values too (NaN, uniform k, index ranges); shape and dtype checks always run.
+        capacity_fn: C from (tokens, k, bins, gamma, min_capacity); default Megatron-Core's
+            formula (``expert_capacity``), the DeepSpeed gate passes DeepSpeed's float32 one.
+        validate: check values too (scores and probs finite, uniform k, index ranges): the
+            boundary check, which syncs with the host; shape, dtype and type checks always run.
 
     Returns:
         RoutingPlan.
     """
+    cfg = _as_capacity_config(cfg)
     num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
     tokens_before = routing_map.sum(0, dtype=torch.int64)
 
@@ -130,7 +136,7 @@ def plan_routing(
             tokens_before,
         )
 
-    capacity = expert_capacity(
+    capacity = capacity_fn(
         group_tokens,
         topk,
         bins.num_bins,
@@ -562,8 +568,9 @@ def _check_inputs(
     if topk is not None and not 1 <= topk <= num_experts:
         raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
     if validate and num_tokens > 0:
-        if bool(torch.isnan(scores).any()):
-            raise ValueError("scores contain NaN")
+        for name, values in (("scores", scores), ("probs", probs)):
+            if values is not None and not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{name} must be finite; they contain NaN or +-inf")
         per_token = routing_map.sum(1)
         lo, hi = int(per_token.min()), int(per_token.max())
         if lo != hi or lo == 0 or (topk is not None and lo != topk):
@@ -575,6 +582,14 @@ def _check_inputs(
     if topk is None:
         topk = int(routing_map[0].sum()) if num_tokens > 0 else 1
     return num_tokens, num_experts, topk
+
+
+def _as_capacity_config(cfg: Any) -> CapacityConfig:
+    if isinstance(cfg, CapacityConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return CapacityConfig.from_dict(cfg)
+    raise TypeError(f"cfg must be a CapacityConfig or a mapping of its fields, got {type(cfg).__name__}")
 
 
 def _check_group(cfg: CapacityConfig, group: Optional[RoutingGroup]) -> Optional[RoutingGroup]:

@@ -119,5 +119,5 @@ def test_missing_section_and_no_moe_layer():
         parse_section({"train_batch_size": 1})
     from capaware_megatron.deepspeed import apply
 
-    with pytest.raises(ValueError, match="no deepspeed.moe.layer.MoE layer"):
+    with pytest.raises(ValueError, match="no DeepSpeed MoE layer"):
         apply(torch.nn.Linear(2, 2), EXAMPLE)

@@ -69,6 +69,11 @@ def test_conflicting_flags(monkeypatch):
                    "--capaware-capacity-factor", "1.5"], monkeypatch)
     with pytest.raises(ValueError, match="policy='none'"):
         capacity_config_from_args(args)
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-policy", "reroute"], monkeypatch)
+    with pytest.raises(ValueError, match="policy='reroute' needs a capacity_factor"):
+        capacity_config_from_args(args)
+    args = _parse(["--moe-token-dispatcher", "capaware"], monkeypatch)
+    assert capacity_config_from_args(args).is_dropless
 
 
 def test_parser_without_megatron_arguments():

@@ -154,6 +154,9 @@ def test_reroute_places_nearly_all_overflow():
         (dict(capacity_factor=float("nan")), ValueError, "capacity_factor"),
         (dict(capacity_factor="1.5"), TypeError, "capacity_factor"),
         (dict(capacity_factor=1.5, policy="none"), ValueError, "policy='none'"),
+        (dict(policy="reroute"), ValueError, "policy='reroute' needs a capacity_factor"),
+        (dict(capacity_factor=None, policy="drop"), ValueError, "policy='drop' needs a capacity_factor"),
+        (dict(policy="expanded"), ValueError, "needs a capacity_factor"),
         (dict(policy="dropp"), ValueError, "policy must be one of"),
         (dict(priority="prob"), ValueError, "priority must be one of"),
         (dict(scope="expert"), ValueError, "scope must be one of"),
@@ -169,6 +172,27 @@ def test_config_errors(kwargs, error, match):
         CapacityConfig(**kwargs)
 
 
+def test_policy_default_follows_the_capacity_factor():
+    assert CapacityConfig().policy == "none" and CapacityConfig().is_dropless
+    assert CapacityConfig(1.5).policy == "drop"
+    assert CapacityConfig(None, policy="none").is_dropless
+    assert CapacityConfig(1.5, policy="reroute").policy == "reroute"
+
+
+def test_config_as_a_mapping():
+    scores, routing_map = skewed_routing(64, 8, 2)
+    want = plan_routing(scores, routing_map, CapacityConfig(1.0, priority="position"))
+    got = plan_routing(scores, routing_map, {"capacity_factor": 1.0, "priority": "position"})
+    assert torch.equal(got.routing_map, want.routing_map) and torch.equal(got.probs, want.probs)
+    assert int(want.num_dropped) > 0
+    with pytest.raises(ValueError, match=r"unknown CapacityConfig field\(s\) \['gamma'\]"):
+        plan_routing(scores, routing_map, {"gamma": 1.0})
+    with pytest.raises(TypeError, match="cfg must be a CapacityConfig or a mapping"):
+        plan_routing(scores, routing_map, 1.0)
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        plan_routing(scores, routing_map, {"capacity_factor": -1.0})
+
+
 def test_input_errors():
     scores, routing_map = skewed_routing(16, 4, 2)
     cfg = CapacityConfig(1.0)
@@ -180,10 +204,13 @@ def test_input_errors():
         plan_routing(scores, routing_map[:, :3], cfg)
     with pytest.raises(TypeError, match="routing_map must be torch.bool"):
         plan_routing(scores, routing_map.int(), cfg)
-    nan = scores.clone()
-    nan[3, 1] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        plan_routing(nan, routing_map, cfg)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        nonfinite = scores.clone()
+        nonfinite[3, 1] = bad
+        with pytest.raises(ValueError, match="scores must be finite"):
+            plan_routing(nonfinite, routing_map, cfg)
+        with pytest.raises(ValueError, match="probs must be finite"):
+            plan_routing(scores, routing_map, cfg, probs=nonfinite * routing_map)
     ragged = routing_map.clone()
     ragged[0] = True
     with pytest.raises(ValueError, match="same number"):

@@ -29,12 +29,12 @@ def _require_deepspeed() -> None:
 
 def apply(model_or_engine, ds_config):
     _require_deepspeed()
-    from .apply import apply as _apply
+    from .swap import apply as _apply
 
     return _apply(model_or_engine, ds_config)
 
 
-apply.__doc__ = "Swap every DeepSpeed-MoE gate for a CapacityAwareGate (see apply.apply)."
+apply.__doc__ = "Swap every DeepSpeed-MoE gate for a CapacityAwareGate (see swap.apply)."
 
 
 def tracker_from_ds_config(model_or_engine, ds_config, **wandb_init):

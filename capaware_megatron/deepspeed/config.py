@@ -19,6 +19,7 @@ from ..config import CapacityConfig
 
 SECTION = "capacity_aware"
 LOG_KEYS = {"interval": int, "per_expert": bool, "wandb": bool, "tensorboard": bool, "jsonl": (str, type(None))}
+_JSON_TYPE_NAMES = {int: "an integer", bool: "true or false", (str, type(None)): "a string (a path) or null"}
 _LOG_DEFAULTS = {"interval": 0, "per_expert": False, "wandb": True, "tensorboard": True, "jsonl": None}
 
 DsConfig = Union[str, os.PathLike, Mapping[str, Any]]
@@ -36,7 +37,15 @@ def load_ds_config(ds_config: DsConfig) -> Mapping[str, Any]:
         return ds_config
     if isinstance(ds_config, (str, os.PathLike)):
         with open(ds_config, encoding="utf-8") as handle:
-            return json.load(handle)
+            try:
+                config = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"DeepSpeed config {os.fspath(ds_config)!r} is not valid JSON: {err}") from err
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"DeepSpeed config {os.fspath(ds_config)!r} must hold a JSON object, got {type(config).__name__}"
+            )
+        return config
     raise TypeError(f"ds_config must be a dict or a JSON file path, got {type(ds_config).__name__}")
 
 
@@ -74,7 +83,9 @@ def _parse_log(log: Any) -> Mapping[str, Any]:
     for key, kind in LOG_KEYS.items():
         value = parsed[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise TypeError(f'"{SECTION}.log.{key}" has the wrong type: {value!r}')
+            raise TypeError(
+                f'"{SECTION}.log.{key}" must be {_JSON_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}'
+            )
     if parsed["interval"] < 0:
         raise ValueError(f'"{SECTION}.log.interval" must be >= 0, got {parsed["interval"]}')
     return parsed

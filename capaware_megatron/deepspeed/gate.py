@@ -1,11 +1,22 @@
 """CapacityAwareGate: DeepSpeed-MoE's TopKGate with the capacity-aware routing plan.
 
 The gate keeps DeepSpeed's router (the same `wg` Linear, input jitter, fp32 softmax, the same
-auxiliary loss) and its combine weights (raw for k = 1, normalised over the top-k for k >= 2),
-but selects the top-k deterministically (no Gumbel sampling of the 2nd expert, no random token
-selection) and hands capacity to the core planner. It returns what MOELayer expects in
-deepspeed 0.19: the sparse-route tuple (expert index per route, -1 where dropped; slot in the
-expert buffer; gate weight; counts), or the dense (combine_weights, dispatch_mask) form.
+auxiliary loss) but selects the top-k deterministically (no Gumbel sampling of the 2nd expert, no
+random token selection) and hands capacity to the core planner, with DeepSpeed's float32 capacity
+formula (``deepspeed_capacity``). It returns what MOELayer expects in deepspeed 0.19: the
+sparse-route tuple (expert index per route, -1 where dropped; slot in the expert buffer; gate
+weight; counts), or the dense (combine_weights, dispatch_mask) form.
+
+Combine weights, by ``renormalize``:
+- False (the default, the paper's and Megatron-Core's): a kept route keeps its pre-cap weight,
+  the raw softmax score for k = 1 and the score normalised over the token's top-k for k >= 2; a
+  token that lost a route keeps less than 1 in total.
+- True: a token's kept weights are rescaled to sum to their pre-cap total, which is exactly
+  DeepSpeed's ``top2gating`` / ``topkgating`` (normalised over the routes that survive the cap;
+  k = 1 is raw either way).
+
+``used_token`` masks tokens out of routing, the expert counts and the auxiliary loss at every k
+(DeepSpeed honours it only in ``top1gating``; there the results are DeepSpeed's).
 
 The expert buffer size C must be equal on every rank of the expert-parallel group (the
 all-to-all exchanges [E, C, M] blocks): it is the group-wide largest per-expert load of the plan,
@@ -26,30 +37,55 @@ from ..group import RoutingGroup
 from ..planner import RoutingPlan, plan_routing
 
 
+def deepspeed_capacity(
+    num_tokens: int, topk: int, num_experts: int, capacity_factor: float, min_capacity: int = 0
+) -> int:
+    """C = max(ceil(fp32(T / E) * fp32(gamma * k)), min_capacity): DeepSpeed's ``_capacity``.
+
+    DeepSpeed multiplies in float32 (a Python float times a 0-dim float32 tensor), which rounds
+    differently from Megatron-Core's float64 ``ceil(T * k / E * gamma)`` at some points (T=25,
+    E=8, k=4, gamma=1.2: 16 here, 15 there). Host arithmetic only: no device tensor is touched.
+    """
+    ratio = torch.tensor(num_tokens / num_experts, dtype=torch.float32)
+    capacity = int(torch.ceil(ratio * torch.tensor(capacity_factor * topk, dtype=torch.float32)))
+    return max(capacity, min_capacity)
+
+
 class CapacityAwareGate(TopKGate):
     """TopKGate whose capacity decisions come from a CapacityConfig."""
 
     def __init__(self, model_dim: int, num_experts: int, k: int = 1, *,
                  capacity_config: CapacityConfig, **topk_gate_kwargs: Any) -> None:
+        self.check_shape(num_experts, k)
         super().__init__(model_dim, num_experts, k, **topk_gate_kwargs)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
         self.capacity_config = capacity_config
         self.num_experts = num_experts
         self.last_plan: Optional[RoutingPlan] = None
         self.plan_observers: list = []
 
+    @staticmethod
+    def check_shape(num_experts: int, k: int) -> None:
+        """k experts per token out of num_experts: 1 <= k <= num_experts."""
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+
     @classmethod
-    def from_topk_gate(cls, gate: TopKGate, capacity_config: CapacityConfig) -> "CapacityAwareGate":
-        """A capacity-aware gate sharing `gate`'s trained router weights (the same Parameter)."""
+    def from_topk_gate(cls, gate: TopKGate, capacity_config: CapacityConfig, *,
+                       ep_group: Any = None) -> "CapacityAwareGate":
+        """A capacity-aware gate sharing `gate`'s trained router weights (the same Parameter).
+
+        ep_group: the layer's expert-parallel group when the gate does not hold it (default: the
+        gate's own).
+        """
         model_dim = gate.wg.weight.shape[1]
         num_experts = gate.wg.weight.shape[0]
         new = cls(
             model_dim, num_experts, gate.k, capacity_config=capacity_config,
             capacity_factor=gate.capacity_factor, eval_capacity_factor=gate.eval_capacity_factor,
             min_capacity=gate.min_capacity, noisy_gate_policy=gate.noisy_gate_policy,
-            drop_tokens=gate.drop_tokens, use_rts=gate.use_rts, ep_group=gate.ep_group,
-            top2_2nd_expert_sampling=gate.top2_2nd_expert_sampling,
+            drop_tokens=gate.drop_tokens, use_rts=gate.use_rts,
+            ep_group=gate.ep_group if ep_group is None else ep_group,
+            top2_2nd_expert_sampling=getattr(gate, "top2_2nd_expert_sampling", True),
         )
         new.wg = gate.wg
         new.wall_clock_breakdown = gate.wall_clock_breakdown
@@ -88,9 +124,7 @@ class CapacityAwareGate(TopKGate):
         ce = routing_map.float().mean(0)
         return (me * ce).mean() * num_experts * num_experts / self.k
 
-    def _plan(self, scores, routing_map, used_token) -> RoutingPlan:
-        if used_token is not None:
-            routing_map = routing_map & used_token.reshape(-1, 1).bool()
+    def _plan(self, scores: torch.Tensor, routing_map: torch.Tensor) -> RoutingPlan:
         combine = scores * routing_map
         if self.k > 1:  # DeepSpeed normalises the top-k weights for k >= 2
             combine = combine / combine.sum(1, keepdim=True).clamp_min(torch.finfo(combine.dtype).eps)
@@ -103,7 +137,7 @@ class CapacityAwareGate(TopKGate):
             expert_to_rank=torch.arange(self.num_experts) // per_rank,
             probs=combine, topk=self.k,
             group=RoutingGroup.from_process_group(self.ep_group) if cfg.scope == "global" and ep_size > 1 else None,
-            training=self.training, validate=False,
+            training=self.training, validate=False, capacity_fn=deepspeed_capacity,
         )
         self.last_plan = plan
         for observer in self.plan_observers:
@@ -122,9 +156,11 @@ class CapacityAwareGate(TopKGate):
     def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None,
                 sparse_routes: bool = False, use_tutel: bool = False):  # noqa: A002 - DeepSpeed's name
         logits, scores, routing_map = self._router(input)
+        if used_token is not None:  # masked tokens route nowhere and count for no expert
+            routing_map = routing_map & used_token.reshape(-1, 1).bool()
         l_aux = self._aux_loss(scores, routing_map, torch.argmax(logits, dim=1))
         exp_counts = routing_map.sum(0).detach()
-        plan = self._plan(scores, routing_map, used_token)
+        plan = self._plan(scores, routing_map)
         capacity = self._buffer_capacity(plan)
         new_map, weights = plan.routing_map, plan.probs.float()
         # Slot of every planned (token, expert) in its expert's buffer: token order.

@@ -23,8 +23,9 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--capaware-capacity-factor", type=_none_or_float, default=None,
                        help="gamma: cap every expert at ceil(T*k/E*gamma) assignments; "
                             "None (default) is dropless.")
-    group.add_argument("--capaware-policy", choices=POLICIES, default="drop",
-                       help="What happens to the overflow (default drop).")
+    group.add_argument("--capaware-policy", choices=POLICIES, default=None,
+                       help="What happens to the overflow (default: drop with a capacity factor, "
+                            "none without one).")
     group.add_argument("--capaware-priority", choices=PRIORITIES, default="score",
                        help="Which assignments a full expert keeps (default score).")
     group.add_argument("--capaware-scope", choices=SCOPES, default="local",
