@@ -10,4 +10,4 @@ from .group import RoutingGroup
 from .planner import RoutingPlan, plan_routing
 
 __all__ = ["CapacityConfig", "RoutingGroup", "RoutingPlan", "expert_capacity", "plan_routing"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .quiet import quiet_if_asked
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -33,6 +35,7 @@ def _worker(fn, rank, world_size, port, queue, args, env):
         WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
+    quiet_if_asked()
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)

@@ -8,6 +8,19 @@ from capaware_megatron.synthetic import skewed_routing
 
 kernels = pytest.importorskip("capaware_megatron.kernels")
 
+# The interpreter on CPU (conftest sets TRITON_INTERPRET=1 there); the compiled kernels on a GPU
+# (`make gpu-check`). Inputs are made on the CPU (seeded generators) and moved.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _routing(*args, **kwargs):
+    """skewed_routing(...) on DEVICE."""
+    return tuple(t.to(DEVICE) for t in skewed_routing(*args, **kwargs))
+
+
+def _on_device(*tensors):
+    return tuple(t.to(DEVICE) for t in tensors)
+
 SHAPES = [
     (0, 8, 2),  # empty batch
     (1, 1, 1),  # one token, one expert
@@ -29,7 +42,7 @@ def _with_local_candidates(routing_map):
 def _lists_as_columns(lists, num_tokens):
     """The Triton per-expert lists as the torch twin's [T, E] keys (NOT_ROUTED off the lists)."""
     num_experts = lists.keys.shape[0]
-    keys = torch.full((num_tokens, num_experts), priority.NOT_ROUTED, dtype=torch.int64)
+    keys = torch.full((num_tokens, num_experts), priority.NOT_ROUTED, dtype=torch.int64, device=lists.keys.device)
     for expert in range(num_experts):
         column = lists.keys[expert, : int(lists.counts[expert])]
         tokens = priority.decode_token(column, num_experts, lists.token_offset)
@@ -42,7 +55,7 @@ def _lists_as_columns(lists, num_tokens):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prio", ["score", "position", "reverse", "random"])
 def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio):
-    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype, skew=1.0)
+    scores, routing_map = _routing(num_tokens, num_experts, topk, dtype=dtype, skew=1.0)
     candidates = _with_local_candidates(routing_map)
     # Router weights: none (position), the scores' dtype, or fp32 beside lower-precision scores.
     probs_dtype = torch.float32 if prio == "random" else dtype
@@ -57,7 +70,7 @@ def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio
 
 
 def test_collect_candidates_non_contiguous_inputs():
-    scores, routing_map = skewed_routing(40, 12, 3, skew=1.0)
+    scores, routing_map = _routing(40, 12, 3, skew=1.0)
     probs = scores * routing_map
     column_major = [t.t().contiguous().t() for t in (scores, routing_map, probs)]
     assert not column_major[0].is_contiguous()
@@ -85,8 +98,8 @@ def _both_states(scores, candidates, prio="score", seed=0):
 )
 @pytest.mark.parametrize("capacity", [1, 3, 17, 1000])
 def test_thresholds_and_top_keys_match_torch(num_tokens, num_experts, topk, per_bin, capacity):
-    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0)
-    bin_experts = torch.randperm(num_experts).view(-1, per_bin)  # bins need not be contiguous
+    scores, routing_map = _routing(num_tokens, num_experts, topk, skew=2.0)
+    bin_experts = torch.randperm(num_experts).view(-1, per_bin).to(DEVICE)  # bins need not be contiguous
     lists, keys = _both_states(scores, routing_map)
     got = kernels.bin_thresholds(lists, bin_experts, capacity)
     assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
@@ -98,9 +111,8 @@ def test_thresholds_and_top_keys_match_torch(num_tokens, num_experts, topk, per_
 
 def test_thresholds_on_ties_and_extreme_keys():
     # Equal scores everywhere (ties broken by the low bits) and negative keys (random priority).
-    scores = torch.full((50, 4), 0.25)
-    routing_map = torch.ones(50, 4, dtype=torch.bool)
-    bin_experts = torch.arange(4).view(4, 1)
+    scores, routing_map, bin_experts = _on_device(
+        torch.full((50, 4), 0.25), torch.ones(50, 4, dtype=torch.bool), torch.arange(4).view(4, 1))
     for prio in ["score", "random", "position"]:
         lists, keys = _both_states(scores, routing_map, prio, seed=2**32 - 1)
         for capacity in (1, 2, 25, 49, 50, 51):
@@ -113,7 +125,7 @@ def test_thresholds_on_ties_and_extreme_keys():
 @pytest.mark.parametrize("prio", ["score", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_planner_backends_agree(policy, scope, prio, dtype):
-    scores, routing_map = skewed_routing(96, 8, 2, skew=2.0, dtype=dtype)
+    scores, routing_map = _routing(96, 8, 2, skew=2.0, dtype=dtype)
     # Router weights given (and renormalized) for score priority, defaulted for random.
     probs = (scores * routing_map * 1.3).to(dtype) if prio == "score" else None
     kwargs = dict(local_experts=[0, 1], expert_to_rank=[0, 0, 1, 1, 2, 2, 3, 3], probs=probs)
@@ -137,7 +149,7 @@ def test_planner_backends_agree(policy, scope, prio, dtype):
 @pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
 def test_triton_plan_passes_gradients_like_torch(policy):
     # Training with capacity: the router learns through the plan's combine weights.
-    scores, routing_map = skewed_routing(64, 8, 2, skew=2.0)
+    scores, routing_map = _routing(64, 8, 2, skew=2.0)
     grads = []
     for backend in ("torch", "triton"):
         leaf_scores = scores.clone().requires_grad_()
@@ -147,7 +159,7 @@ def test_triton_plan_passes_gradients_like_torch(policy):
             CapacityConfig(1.0, policy=policy, backend=backend, apply_in_training=True),
             probs=leaf_probs, local_experts=[0, 1], training=True,
         )
-        weights = torch.arange(8.0) + 1  # per-expert weights: gradients differ by expert
+        weights = torch.arange(8.0, device=DEVICE) + 1  # per-expert weights: gradients differ by expert
         (plan.probs * weights).sum().backward()
         grads.append((leaf_scores.grad, leaf_probs.grad, plan.routing_map))
     assert torch.equal(grads[0][2], grads[1][2])
@@ -160,37 +172,37 @@ def test_triton_plan_passes_gradients_like_torch(policy):
 @pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_permutation_indices(num_tokens, num_experts, topk, dtype):
-    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, dtype=dtype)
+    scores, routing_map = _routing(num_tokens, num_experts, topk, dtype=dtype)
     probs = scores * routing_map
     sorted_indices, permuted_probs, counts = kernels.permutation_indices(routing_map, probs)
     # Megatron-Core's permute order: expert-major, tokens ascending within an expert.
-    tokens = torch.arange(num_tokens).unsqueeze(0).expand(num_experts, -1)
+    tokens = torch.arange(num_tokens, device=DEVICE).unsqueeze(0).expand(num_experts, -1)
     assert torch.equal(sorted_indices, tokens.masked_select(routing_map.T))
     assert torch.equal(permuted_probs, probs.T.contiguous().masked_select(routing_map.T))
     assert torch.equal(counts, routing_map.sum(0))
     # Round trip: gather into expert order, scatter back, each token gets its k copies.
-    hidden = torch.randn(num_tokens, 4)
+    hidden = torch.randn(num_tokens, 4, device=DEVICE)
     back = torch.zeros_like(hidden).index_add_(0, sorted_indices, hidden[sorted_indices])
     torch.testing.assert_close(back, hidden * routing_map.sum(1, keepdim=True))
 
 
 def test_permuted_probs_pass_gradients():
-    scores, routing_map = skewed_routing(50, 8, 2)
+    scores, routing_map = _routing(50, 8, 2)
     probs = (scores * routing_map).requires_grad_()
     _, permuted_probs, _ = kernels.permutation_indices(routing_map, probs)
-    (permuted_probs * torch.arange(permuted_probs.shape[0])).sum().backward()
+    (permuted_probs * torch.arange(permuted_probs.shape[0], device=DEVICE)).sum().backward()
     reference = probs.detach().clone().requires_grad_()
     want = reference.T.masked_select(routing_map.T)
-    (want * torch.arange(want.shape[0])).sum().backward()
+    (want * torch.arange(want.shape[0], device=DEVICE)).sum().backward()
     assert torch.equal(permuted_probs.detach(), want.detach())
     assert torch.equal(probs.grad, reference.grad)
 
 
 def test_permutation_matches_megatron_permute():
     moe_utils = pytest.importorskip("megatron.core.transformer.moe.moe_utils")
-    scores, routing_map = skewed_routing(100, 8, 2)
+    scores, routing_map = _routing(100, 8, 2)
     probs = scores * routing_map
-    hidden = torch.randn(100, 16)
+    hidden = torch.randn(100, 16, device=DEVICE)
     permuted, permuted_probs, sorted_indices, _, _ = moe_utils.permute(
         hidden, routing_map, probs=probs, num_out_tokens=int(routing_map.sum())
     )
@@ -201,10 +213,10 @@ def test_permutation_matches_megatron_permute():
 
 
 def test_kernel_input_errors():
-    scores, routing_map = skewed_routing(4, 600, 2)
+    scores, routing_map = _routing(4, 600, 2)
     with pytest.raises(ValueError, match="up to 512 experts"):
         kernels.collect_candidates(scores, routing_map, routing_map, None, "score")
-    scores, routing_map = skewed_routing(4, 8, 2)
+    scores, routing_map = _routing(4, 8, 2)
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         kernels.collect_candidates(scores.double(), routing_map, routing_map, None, "score")
     with pytest.raises(TypeError, match="candidates must be torch.bool"):
@@ -215,7 +227,7 @@ def test_kernel_input_errors():
         kernels.collect_candidates(scores, routing_map, routing_map, None, "probs")
     lists = kernels.collect_candidates(scores, routing_map, routing_map, None, "score")[0]
     with pytest.raises(ValueError, match="capacity must be >= 1"):
-        kernels.bin_thresholds(lists, torch.arange(8).view(8, 1), 0)
+        kernels.bin_thresholds(lists, torch.arange(8, device=DEVICE).view(8, 1), 0)
 
 
 def test_auto_backend_picks_triton_on_cuda_up_to_512_experts(monkeypatch):
@@ -229,7 +241,7 @@ def test_auto_backend_picks_triton_on_cuda_up_to_512_experts(monkeypatch):
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    scores, routing_map = skewed_routing(8, 4, 2)
+    scores, routing_map = skewed_routing(8, 4, 2)  # CPU tensors, whatever the machine
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         plan_routing(scores, routing_map, CapacityConfig(1.0, backend="triton"))
 
@@ -238,11 +250,11 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per_bin", [1, "all"])
 def test_drop_below_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
-    scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=2.0, dtype=dtype)
+    scores, routing_map = _routing(num_tokens, num_experts, topk, skew=2.0, dtype=dtype)
     candidates = _with_local_candidates(routing_map)
     probs = (scores * routing_map * 1.7).to(dtype)
     per_bin = num_experts if per_bin == "all" else per_bin
-    expert_to_bin = torch.arange(num_experts) // per_bin
+    expert_to_bin = torch.arange(num_experts, device=DEVICE) // per_bin
     bin_experts = torch.argsort(expert_to_bin, stable=True).view(-1, per_bin)
     capacity = max(1, num_tokens * topk // num_experts)
     args = (scores, candidates, routing_map, probs, "score", 0, 5)
@@ -268,12 +280,12 @@ def test_propose_experts_matches_torch(num_experts):
     room = torch.randint(-1, 3, (num_bins,), generator=gen)
     room[0] = 2  # at least one bin with room
     expert_to_bin = torch.arange(num_experts) % num_bins
-    args = (preference, slot, rank_in_token, token_used, room, expert_to_bin)
+    args = _on_device(preference, slot, rank_in_token, token_used, room, expert_to_bin)
     got_expert, got_has = kernels.propose_experts(*args)
     want_expert, want_has = planner.propose_experts(*args)
     assert torch.equal(got_has, want_has)
     assert torch.equal(got_expert[want_has], want_expert[want_has])
-    assert want_has.any()
+    assert bool(want_has.any())
     if num_experts <= 5:  # few experts: some items find none (both branches exercised)
         assert not want_has.all()
 

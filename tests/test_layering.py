@@ -7,7 +7,7 @@ import sys
 
 BLOCKED = """
 import sys
-for name in ("megatron", "deepspeed", "wandb", "triton", "tensorboard"):
+for name in ("megatron", "deepspeed", "wandb", "triton", "tensorboard", "matplotlib", "tqdm"):
     sys.modules[name] = None  # as if not installed
 """
 
@@ -22,6 +22,7 @@ def test_core_and_plugin_packages_import_with_torch_alone():
     out = _run("""
 import torch
 import capaware_megatron, capaware_megatron.megatron, capaware_megatron.deepspeed, capaware_megatron.monitor
+import capaware_megatron.figures, capaware_megatron.quiet
 from capaware_megatron import CapacityConfig, plan_routing
 from capaware_megatron.synthetic import skewed_routing
 scores, routing_map = skewed_routing(64, 8, 2, skew=2.0)
@@ -36,12 +37,14 @@ def test_missing_frameworks_name_their_extra():
     out = _run("""
 import capaware_megatron.deepspeed as ds
 import capaware_megatron.megatron as mg
+import capaware_megatron.figures as figures
 from capaware_megatron import CapacityConfig, plan_routing
 from capaware_megatron.synthetic import skewed_routing
 for what, call in [
     ("deepspeed", lambda: ds.apply(None, {})),
     ("megatron", mg.install),
     ("triton", lambda: plan_routing(*skewed_routing(8, 4, 2), CapacityConfig(1.0, backend="triton"))),
+    ("matplotlib", lambda: figures.load_heatmap([[1.0]], [[1.0]])),
 ]:
     try:
         call()
@@ -51,3 +54,4 @@ for what, call in [
     assert "deepspeed -> " in out.stdout and "capaware_megatron[deepspeed]" in out.stdout, out.stdout + out.stderr
     assert "capaware_megatron[megatron]" in out.stdout
     assert "capaware_megatron[triton]" in out.stdout
+    assert "matplotlib -> " in out.stdout and "capaware_megatron[figures]" in out.stdout

@@ -12,7 +12,6 @@ import torch
 from capaware_megatron.multiprocess import run_gloo
 
 from capaware_megatron.monitor import ConsoleSink, JsonlSink, LoadTracker, WandbSink
-from capaware_megatron.monitor.heatmap import load_heatmap, write_png
 from capaware_megatron.planner import RoutingPlan
 
 E = 4
@@ -85,13 +84,22 @@ def test_known_routing_statistics_and_wandb_record(tmp_path):
     assert history, out.stderr[-2000:]
     logged = history[-1]
     assert logged["_step"] == 2
+    files = next(wandb_dir.rglob("files"))
     for layer in range(2):
         for name, value in _expected_layer(layer).items():
-            assert logged[f"capaware/layer_{layer}/{name}"] == pytest.approx(value)
-    assert logged["capaware/load_heatmap._type"] == "image-file"
-    assert logged["capaware/load_heatmap.width"] == 2 * E * 12 + 6
-    assert logged["capaware/layer_1/tokens_per_expert_after._type"] == "histogram"
-    assert logged["capaware/layer_1/tokens_per_expert_after.values"] == pytest.approx(
+            assert logged[f"capaware_layers/layer_{layer}/{name}"] == pytest.approx(value)
+    # One chart per metric, a line per layer: a W&B line series backed by a table.
+    for name, _ in _expected_layer(0).items():
+        assert logged[f"capaware_by_layer/{name}_table._type"] == "table-file"
+        table = json.loads((files / logged[f"capaware_by_layer/{name}_table.path"]).read_text())
+        lines = {row[1]: row[2] for row in table["data"]}
+        assert set(lines) == {"layer 0", "layer 1"}, table
+        assert lines["layer 1"] == pytest.approx(_expected_layer(1)[name])
+    assert "capaware/straggler_expert_before" in logged and "capaware/layer_0/capacity" not in logged
+    assert logged["capaware_experts/load_heatmap._type"] == "image-file"
+    assert (files / logged["capaware_experts/load_heatmap.path"]).stat().st_size > 10_000
+    assert logged["capaware_experts/layer_1/tokens_per_expert_after._type"] == "histogram"
+    assert logged["capaware_experts/layer_1/tokens_per_expert_after.values"] == pytest.approx(
         AFTER[:, 1].double().mean(0).tolist())
 
 
@@ -150,15 +158,6 @@ def test_wandb_not_installed(monkeypatch):
     tracker = LoadTracker(2, E, interval=1, sinks=[WandbSink(project="x")])
     with pytest.warns(RuntimeWarning, match="W&B logging failed"):
         _feed(tracker, steps=1)
-
-
-def test_heatmap_png(tmp_path):
-    image = load_heatmap(BEFORE[0].double(), AFTER[0].double())
-    assert image.shape == (2 * 12, 2 * E * 12 + 6, 3) and image.dtype.name == "uint8"
-    path = tmp_path / "heatmap.png"
-    write_png(image, str(path))
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") == image.shape[1]
 
 
 def test_tracker_errors():

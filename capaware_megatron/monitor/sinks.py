@@ -70,16 +70,40 @@ class JsonlSink:
 
 
 class WandbSink(_FailSoft):
-    """W&B scalars under capaware/; per-expert histograms and a layer x expert heatmap.
+    """W&B: one chart per metric across layers, layer averages, per-expert figures.
+
+    Panel sections (W&B groups panels by the key's first segment):
+    - ``capaware/<metric>``: the average over layers, one line chart per metric;
+    - ``capaware_by_layer/<metric>``: one chart per metric with a line per layer (a W&B line
+      series over the last `history` reports);
+    - ``capaware_layers/layer_N/<metric>``: the raw per-layer scalars (for queries and filters);
+    - with per-expert loads: ``capaware_experts/load_heatmap`` (layers x experts before | after,
+      one colour scale, EP ranks marked) and ``capaware_experts/layer_N/tokens_per_expert_*``
+      histograms. Figures need matplotlib (the ``figures`` extra); without it they are skipped.
 
     Args:
         run: a wandb run, or Megatron's W&B writer; None uses the active run or starts one with
             `init_kwargs` (project, mode="offline", dir, ...) at the first report.
+        expert_to_rank: [E] EP rank of each expert, for the heatmap (default: the tracker's).
+        title: names the run in figure titles (policy, gamma, scope).
+        history: reports kept for the per-layer charts (each report re-logs them).
     """
 
-    def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
+    def __init__(self, run: Any = None, expert_to_rank: Any = None, title: str = "",
+                 history: int = 100, **init_kwargs: Any) -> None:
+        if history < 1:
+            raise ValueError(f"history must be >= 1, got {history}")
         self.run = run
+        self.expert_to_rank = expert_to_rank
+        self.title = title
+        self.history = history
         self.init_kwargs = init_kwargs
+        self._per_layer: list[tuple[int, dict[str, dict[int, float]]]] = []
+
+    def bind(self, tracker: Any) -> None:
+        """Called by the LoadTracker that owns this sink: learn its experts' EP ranks."""
+        if self.expert_to_rank is None:
+            self.expert_to_rank = tracker.expert_to_rank
 
     def _run(self):
         if self.run is None:
@@ -93,29 +117,54 @@ class WandbSink(_FailSoft):
             return
         try:
             run = self._run()
-            payload: dict[str, Any] = dict(metrics)
+            payload: dict[str, Any] = {}
+            per_layer: dict[str, dict[int, float]] = {}
+            for key, value in metrics.items():
+                layer, metric = _split_layer_key(key)
+                if layer is None:
+                    payload[key] = value
+                else:
+                    payload[f"capaware_layers/layer_{layer}/{metric}"] = value
+                    per_layer.setdefault(metric, {})[layer] = value
+            if per_layer:
+                self._per_layer = [*self._per_layer, (step, per_layer)][-self.history :]
+                payload.update(self._layer_charts())
             if loads:
                 payload.update(self._per_expert(loads))
             run.log(payload, step=step)
         except Exception as err:  # noqa: BLE001 - any W&B failure must not stop the job
             self._fail("W&B logging", err)
 
-    @staticmethod
-    def _per_expert(loads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def _layer_charts(self) -> dict[str, Any]:
         import wandb
 
-        from .heatmap import load_heatmap
+        charts = {}
+        steps = [step for step, _ in self._per_layer]
+        for metric, layers in self._per_layer[-1][1].items():
+            lines = sorted(layers)
+            ys = [[report.get(metric, {}).get(layer, float("nan")) for _, report in self._per_layer]
+                  for layer in lines]
+            charts[f"capaware_by_layer/{metric}"] = wandb.plot.line_series(
+                xs=steps, ys=ys, keys=[f"layer {layer}" for layer in lines], title=metric, xname="step")
+        return charts
+
+    def _per_expert(self, loads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        import wandb
 
         out: dict[str, Any] = {}
         for layer, (before, after) in enumerate(zip(loads["before"], loads["after"])):
-            out[f"capaware/layer_{layer}/tokens_per_expert_before"] = wandb.Histogram(
+            out[f"capaware_experts/layer_{layer}/tokens_per_expert_before"] = wandb.Histogram(
                 np_histogram=_bars(before))
-            out[f"capaware/layer_{layer}/tokens_per_expert_after"] = wandb.Histogram(
+            out[f"capaware_experts/layer_{layer}/tokens_per_expert_after"] = wandb.Histogram(
                 np_histogram=_bars(after))
-        out["capaware/load_heatmap"] = wandb.Image(
-            load_heatmap(loads["before"], loads["after"]),
-            caption="tokens per expert / mean, layers x experts: before | after the plan",
-        )
+        try:
+            from .. import figures
+
+            figure = figures.load_heatmap(loads["before"], loads["after"], self.expert_to_rank, self.title)
+        except ImportError:
+            return out  # no matplotlib: histograms only
+        out["capaware_experts/load_heatmap"] = wandb.Image(
+            figures.to_rgb(figure), caption="tokens per expert / mean, layers x experts: before | after the plan")
         return out
 
     def finish(self) -> None:
@@ -124,6 +173,14 @@ class WandbSink(_FailSoft):
                 self.run.finish()
             except Exception as err:  # noqa: BLE001
                 self._fail("W&B finish", err)
+
+
+def _split_layer_key(key: str) -> tuple[Optional[int], str]:
+    """"capaware/layer_3/capacity" -> (3, "capacity"); other keys -> (None, key)."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "capaware" and parts[1].startswith("layer_") and parts[1][6:].isdigit():
+        return int(parts[1][6:]), parts[2]
+    return None, key
 
 
 def _bars(load: torch.Tensor):

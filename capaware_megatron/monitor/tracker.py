@@ -41,7 +41,8 @@ class LoadTracker:
         num_experts: E.
         expert_to_rank: [E] EP rank of each expert (per-device statistics).
         interval: report every `interval` calls of step(); 0 never reports by itself.
-        sinks: objects with ``log(metrics, step, loads)`` (see monitor.sinks).
+        sinks: objects with ``log(metrics, step, loads)`` (see monitor.sinks); a sink with a
+            ``bind(tracker)`` method is handed this tracker once (its layout: expert_to_rank).
         group: process group to reduce over (None: the default group, when initialised).
         log_rank: the rank (in `group`) that writes to the sinks.
         per_expert: also hand per-expert loads (layer x expert) to the sinks.
@@ -72,6 +73,9 @@ class LoadTracker:
         self.expert_to_rank = mapping.long()
         self.interval = interval
         self.sinks = list(sinks)
+        for sink in self.sinks:
+            if hasattr(sink, "bind"):
+                sink.bind(self)
         self.group = group
         self.log_rank = log_rank
         self.per_expert = per_expert

@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -28,6 +29,7 @@ from tiny_moe import model as tiny  # noqa: E402
 
 from capaware_megatron import CapacityConfig  # noqa: E402
 from capaware_megatron.multiprocess import run_gloo  # noqa: E402
+from capaware_megatron.quiet import quiet_frameworks  # noqa: E402
 
 EP = 2
 GAMMAS = (2.0, 1.5, 1.0)
@@ -124,16 +126,16 @@ def _rank_main(rank, world_size, tokens, repeats):
     windows = tiny.windows(heldout)
     mine = windows[rank::world_size][: tokens // tiny.SEQ]
     inputs = _capture_layer_inputs(model, mine)
-    workloads = [(f"trained L{i}", model.decoder.layers[i].mlp, inputs[i]) for i in range(len(inputs))]
+    # (name, layer, its input): a Zipf workload re-skews layer 0's router when its turn comes.
+    workloads = [(f"trained L{i}", model.decoder.layers[i].mlp, lambda i=i: inputs[i]) for i in range(len(inputs))]
     zipf_layer = model.decoder.layers[0].mlp
+    workloads += [(f"zipf {skew}", zipf_layer, lambda skew=skew: _zipf_router(zipf_layer, skew, inputs[0]))
+                  for skew in (0.5, 1.0, 2.0)]
     results = {}
-    for name, layer, hidden in workloads:
-        for config_name, measured in _time_configs(layer, hidden, repeats).items():
+    for name, layer, make_input in tqdm(workloads, desc="MoE-layer benchmark", unit="workload",
+                                        disable=rank != 0, dynamic_ncols=True):
+        for config_name, measured in _time_configs(layer, make_input(), repeats).items():
             results[(name, config_name)] = measured
-    for skew in (0.5, 1.0, 2.0):
-        hidden = _zipf_router(zipf_layer, skew, inputs[0])
-        for config_name, measured in _time_configs(zipf_layer, hidden, repeats).items():
-            results[(f"zipf {skew}", config_name)] = measured
     return results if rank == 0 else None
 
 
@@ -171,7 +173,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--projection-tokens", type=int, default=1024, help="tokens per rank, projection")
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
+    quiet_frameworks(args.verbose)
     results = run_gloo(_rank_main, EP, args.tokens, args.repeats, timeout=900)[0]
     print(f"MoE-layer time, EP{EP} over gloo on CPU (1 thread per rank), {args.tokens} tokens per rank, "
           f"tiny GPT-MoE layers (H={tiny.MODEL['hidden_size']}, F={tiny.MODEL['moe_ffn_hidden_size']}, "

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import subprocess
 import sys
-import warnings
 
 import torch
 from timing import copy_bandwidth, device_name, median_seconds
+from tqdm import tqdm
 
 from capaware_megatron import CapacityConfig, plan_routing
+from capaware_megatron.quiet import quiet_frameworks
 from capaware_megatron.synthetic import skewed_routing
 
 SHAPES = [("Mixtral", 8192, 8, 2), ("DeepSeek-V2-Lite", 16384, 64, 8), ("DeepSeek-V3", 16384, 256, 8)]
@@ -102,13 +104,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gamma", type=float, default=1.5)
     parser.add_argument("--csv", default=None)
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")  # megatron-core's "Apex / TE not installed" notices
+    quiet_frameworks(args.verbose)
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     # Megatron-Core offers drop only; reroute rows show what placing the overflow costs.
-    providers = backends + ["megatron"] + [f"{backend}:reroute" for backend in backends]
+    megatron = ["megatron"] if importlib.util.find_spec("megatron") is not None else []  # not on every GPU image
+    providers = backends + megatron + [f"{backend}:reroute" for backend in backends]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {commit}")
     print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians\n")
@@ -116,6 +120,7 @@ def main() -> None:
               f"{'floor ms':>9} {'x floor':>8}")
     print(header)
     rows = []
+    progress = tqdm(total=len(SHAPES) * len(providers), desc="planner benchmark", unit="run", dynamic_ncols=True)
     for name, num_tokens, num_experts, topk in SHAPES:
         scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
         scores, routing_map = scores.to(device), routing_map.to(device)
@@ -133,8 +138,11 @@ def main() -> None:
                        ms=seconds * 1e3, gbps=traffic / seconds / 1e9, floor_ms=floor * 1e3,
                        x_floor=seconds / floor, device=device_name(device), commit=commit)
             rows.append(row)
-            print(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
-                  f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
+            progress.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
+                           f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}",
+                           file=sys.stdout)
+            progress.update()
+    progress.close()
     print_traffic_model(SHAPES, args.gamma)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:

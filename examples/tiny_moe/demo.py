@@ -6,7 +6,8 @@ Two gloo processes hold 4 experts each (EP2). Held-out standard-library source r
 trained model dropless and under Token Drop, Token Reroute and Expanded Drop at gamma 2.0, 1.5,
 1.0 (and other drop priorities). Prints perplexity, dropped / rerouted fractions, straggler
 factors before / after (per expert and per EP rank), the MoE-layer time of the slowest rank, the
-measured and the projected speedup; writes an offline W&B run and a PNG of per-expert load.
+measured and the projected speedup; writes figures (per-expert load heatmap and bars, quality vs
+speedup), demo.json and an offline W&B run under --out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny_moe import model as tiny  # noqa: E402
@@ -64,13 +66,6 @@ class _LayerTimer:
         self.total += time.perf_counter() - self._t0
 
 
-def _progress(done: int, total: int, name: str) -> None:
-    width = 30
-    filled = int(width * done / total)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name:<22}", end="",
-          file=sys.stderr, flush=True)
-
-
 class _Routed:
     """Hands plans to the LoadTracker of the run being measured (runs are interleaved)."""
 
@@ -95,7 +90,7 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
     layers = [layer.mlp for layer in model.decoder.layers]
     timer = _LayerTimer(layers)
     num_experts = tiny.MODEL["num_moe_experts"]
-    expert_to_rank = torch.arange(num_experts) // (num_experts // EP)
+    expert_to_rank = _expert_to_rank()
     keep = {name: _KeepLoads() for name, _ in RUNS}
     trackers = {name: LoadTracker(len(layers), num_experts, expert_to_rank, interval=0,
                                   sinks=[keep[name]], per_expert=True) for name, _ in RUNS}
@@ -108,6 +103,7 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
 
     # Runs are interleaved batch by batch, and each batch starts with a different run, so neither
     # drift of the machine nor the cost of coming first lands on one run.
+    progress = tqdm(total=len(mine), desc="demo runs", unit="batch", disable=rank != 0, dynamic_ncols=True)
     seconds = {name: 0.0 for name, _ in RUNS}
     nll = {name: torch.zeros(2, dtype=torch.float64) for name, _ in RUNS}
     with torch.no_grad():
@@ -125,20 +121,21 @@ def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int)
                     continue
                 seconds[name] += timer.total - start
                 nll[name] += torch.tensor([float(loss.double().sum()), loss.numel()], dtype=torch.float64)
-            if rank == 0:
-                _progress(step, len(mine), f"batch {step} of {len(mine)}")
+            if step:
+                progress.update()
+    progress.close()
 
     rows = []
-    for index, (name, _) in enumerate(RUNS):
+    for index, (name, cfg) in enumerate(RUNS):
         metrics = trackers[name].flush(index + 1)
         dist.all_reduce(nll[name])
         slowest = torch.tensor([seconds[name]])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if rank == 0:
-            rows.append(dict(name=name, perplexity=math.exp(float(nll[name][0] / nll[name][1])),
+            rows.append(dict(name=name, policy=cfg.policy, gamma=cfg.capacity_factor, priority=cfg.priority,
+                             perplexity=math.exp(float(nll[name][0] / nll[name][1])),
                              moe_seconds=float(slowest), metrics=metrics, loads=keep[name].loads))
     if rank == 0:
-        print(file=sys.stderr)
         return rows, meta
     return None
 
@@ -160,24 +157,43 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-def _write_wandb(rows, out: str) -> str:
-    """One offline W&B run: a step per configuration, and a summary table."""
+TABLE_COLUMNS = ["run", "policy", "gamma", "priority", "perplexity", "dropped_fraction", "rerouted_fraction",
+                 "straggler_expert_before", "straggler_expert_after", "straggler_rank_before",
+                 "straggler_rank_after", "moe_seconds_slowest_rank", "measured_speedup", "projected_speedup"]
+
+
+def _table_rows(rows) -> list[list]:
+    """The demo's runs as TABLE_COLUMNS rows (the printed table, unrounded)."""
+    base = rows[0]["moe_seconds"]
+    out = []
+    for row in rows:
+        m = row["metrics"]
+        out.append([row["name"], row["policy"], row["gamma"], row["priority"], row["perplexity"],
+                    m["capaware/dropped_fraction"], m["capaware/rerouted_fraction"],
+                    m["capaware/straggler_expert_before"], m["capaware/straggler_expert_after"],
+                    m["capaware/straggler_rank_before"], m["capaware/straggler_rank_after"],
+                    row["moe_seconds"], base / row["moe_seconds"], m["capaware/speedup_rank"]])
+    return out
+
+
+def _write_wandb(rows, figures_by_key, out: str) -> str:
+    """One offline W&B run: a step per configuration, the runs as a Table, the figures as Images."""
     from capaware_megatron.monitor import WandbSink
 
     os.environ.setdefault("WANDB_SILENT", "true")  # the table above is the demo's output
-    sink = WandbSink(project="capaware-demo", mode="offline", dir=out, name="tiny-moe-ep2")
+    sink = WandbSink(project="capaware-demo", mode="offline", dir=out, name="tiny-moe-ep2",
+                     expert_to_rank=_expert_to_rank())
     for step, row in enumerate(rows):
         sink.log({**row["metrics"], "demo/perplexity": row["perplexity"],
                   "demo/moe_seconds_slowest_rank": row["moe_seconds"]}, step, None)
     try:
         import wandb
 
-        table = wandb.Table(columns=["run", "perplexity", "dropped", "rerouted", "moe_seconds"])
-        for row in rows:
-            m = row["metrics"]
-            table.add_data(row["name"], row["perplexity"], m["capaware/dropped_fraction"],
-                           m["capaware/rerouted_fraction"], row["moe_seconds"])
-        sink.run.log({"demo/summary": table})
+        from capaware_megatron import figures
+
+        images = {key: wandb.Image(figures.to_rgb(figure), caption=caption)
+                  for key, (figure, caption) in figures_by_key.items()}
+        sink.run.log({"demo/runs": wandb.Table(columns=TABLE_COLUMNS, data=_table_rows(rows)), **images})
         sink.finish()
         wandb.teardown()
         return os.path.dirname(sink.run.dir) if hasattr(sink.run, "dir") else out
@@ -186,12 +202,48 @@ def _write_wandb(rows, out: str) -> str:
         return ""
 
 
+def _expert_to_rank() -> torch.Tensor:
+    num_experts = tiny.MODEL["num_moe_experts"]
+    return torch.arange(num_experts) // (num_experts // EP)
+
+
+def _figures(rows, run: str = "drop g1.0") -> dict:
+    """{W&B key: (figure, caption)}: the load heatmap and bars of one run, quality vs speedup."""
+    from capaware_megatron import figures
+
+    chosen = next(row for row in rows if row["name"] == run)
+    loads = {stage: torch.tensor(value) for stage, value in chosen["loads"].items()}
+    title = f"{chosen['policy']}, γ {chosen['gamma']:g}, {chosen['priority']} priority, local scope, EP{EP}"
+    capacity = chosen["metrics"]["capaware/layer_0/capacity"]  # local scope: each source rank's C
+    base = rows[0]["moe_seconds"]
+    points = [figures.QualityPoint(row["name"], row["policy"], row["gamma"], row["perplexity"],
+                                   row["metrics"]["capaware/speedup_rank"], base / row["moe_seconds"])
+              for row in rows if row["priority"] == "score"]
+    return {
+        "demo/expert_load": (figures.load_heatmap(loads["before"], loads["after"], _expert_to_rank(),
+                                                  f"tokens per expert / mean: {title}"),
+                             "layers x experts, load / mean load, router vs plan"),
+        "demo/expert_load_layer0": (figures.expert_load_bars(
+            loads["before"][0], loads["after"][0], _expert_to_rank(), EP * capacity,
+            f"layer 0, tokens per step from both source ranks: {title}",
+            f"cap: C = {capacity:g} per source rank x {EP}"),
+            "tokens per expert of layer 0, router vs plan, with the capacity"),
+        "demo/quality_vs_speedup": (figures.quality_vs_speedup(
+            points, f"tiny GPT-MoE, EP{EP}, score priority: perplexity vs speedup"),
+            "perplexity against projected and measured MoE-layer speedup, per policy and gamma"),
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--windows-per-batch", type=int, default=16)
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args(argv)
+    from capaware_megatron.quiet import quiet_frameworks
+
+    quiet_frameworks(args.verbose)
     if not os.path.exists(os.path.join(tiny.CHECKPOINT, "model.pt")):
         raise SystemExit(f"no checkpoint in {tiny.CHECKPOINT}: run examples/tiny_moe/train.py first")
     os.makedirs(args.out, exist_ok=True)
@@ -207,19 +259,15 @@ def main(argv=None) -> None:
           "projected: max EP-rank load before / after.")
     with open(os.path.join(args.out, "demo.json"), "w") as handle:
         json.dump(rows, handle, indent=1)
-    png = os.path.join(args.out, "expert_load.png")
-    _save_load_png(rows, png)
-    run_dir = _write_wandb(rows, args.out)
-    print(f"\nwrote {png}, {os.path.join(args.out, 'demo.json')}" + (f", W&B offline run {run_dir}" if run_dir else ""))
+    written = [os.path.join(args.out, "demo.json")]
+    from capaware_megatron import figures
+
+    figures_by_key = _figures(rows)
+    for key, (figure, _) in figures_by_key.items():
+        written.append(figures.save(figure, os.path.join(args.out, key.split("/")[1] + ".png")))
+    run_dir = _write_wandb(rows, figures_by_key, args.out)
+    print(f"\nwrote {', '.join(written)}" + (f", W&B offline run {run_dir}" if run_dir else ""))
     print(f"done in {time.time() - start:.0f} s")
-
-
-def _save_load_png(rows, path: str, run: str = "drop g1.0") -> None:
-    """Per-expert load heatmap (layers x experts, load / mean) before | after one run's plan."""
-    from capaware_megatron.monitor.heatmap import load_heatmap, write_png
-
-    loads = next(row["loads"] for row in rows if row["name"] == run)
-    write_png(load_heatmap(torch.tensor(loads["before"]), torch.tensor(loads["after"]), cell=24), path)
 
 
 if __name__ == "__main__":

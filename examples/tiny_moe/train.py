@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny_moe import model as tiny  # noqa: E402
@@ -27,7 +28,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
+    from capaware_megatron.quiet import quiet_frameworks
+
+    quiet_frameworks(args.verbose)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -54,7 +59,8 @@ def main() -> None:
     stream = tiny.batches(data, args.batch_size, torch.Generator().manual_seed(args.seed))
     start, losses = time.time(), []
     model.train()
-    for step in range(1, args.steps + 1):
+    progress = tqdm(range(1, args.steps + 1), desc="training", unit="step", dynamic_ncols=True)
+    for step in progress:
         loss = tiny.forward_loss(model, next(stream)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -63,8 +69,9 @@ def main() -> None:
         schedule.step()
         losses.append(float(loss))
         if step % 50 == 0 or step == args.steps:
-            print(f"step {step:5d}  loss {sum(losses[-50:]) / len(losses[-50:]):.3f} nats/byte  "
-                  f"{time.time() - start:6.0f} s", flush=True)
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            progress.set_postfix(loss=f"{recent:.3f}")
+            progress.write(f"step {step:5d}  loss {recent:.3f} nats/byte  {time.time() - start:6.0f} s")
     model.eval()
     with torch.no_grad():
         windows = tiny.windows(heldout)

@@ -1,0 +1,30 @@
+"""The package builds from pyproject.toml: a wheel with the package and the kernels, no tests."""
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import capaware_megatron
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_holds_the_package_and_the_kernels_and_no_tests(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("capaware_megatron-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert packages == {"capaware_megatron"}, packages  # no top-level kernels/ or tests/
+    for module in ("planner.py", "kernels/routing_plan.py", "kernels/reroute.py", "kernels/permute.py",
+                   "figures/plots.py", "megatron/dispatcher.py", "deepspeed/gate.py", "monitor/sinks.py"):
+        assert f"capaware_megatron/{module}" in names, module
+    assert not any("/tests/" in name or name.startswith("tests/") for name in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    assert re.search(rf"^Version: {re.escape(capaware_megatron.__version__)}$", metadata, re.M)
+    for extra in ("megatron", "deepspeed", "triton", "wandb", "figures", "dev", "all"):
+        assert f"Provides-Extra: {extra}" in metadata
+    assert "Requires-Dist: torch\n" in metadata  # unpinned: users bring their own build
