@@ -7,7 +7,8 @@ the Triton kernels in ``capaware_megatron.kernels``.
 
 from .config import CapacityConfig, expert_capacity
 from .group import RoutingGroup
+from .layout import ExpertLayout
 from .planner import RoutingPlan, plan_routing
 
-__all__ = ["CapacityConfig", "RoutingGroup", "RoutingPlan", "expert_capacity", "plan_routing"]
+__all__ = ["CapacityConfig", "ExpertLayout", "RoutingGroup", "RoutingPlan", "expert_capacity", "plan_routing"]
 __version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)

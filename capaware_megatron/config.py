@@ -19,6 +19,9 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+DEFAULT_REROUTE_ROUNDS = 6
+"""Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
+>= 99% of what the exact serial greedy places on the trained routing and Zipf routers."""
 TRITON_MAX_EXPERTS = 512
 """Most experts the Triton planner handles (one row of experts per program); auto uses torch above."""
 
@@ -67,6 +70,11 @@ class CapacityConfig:
     backend: Backend = "auto"
     """auto: Triton for CUDA tensors when triton is installed, else torch."""
 
+    reroute_rounds: int = DEFAULT_REROUTE_ROUNDS
+    """policy reroute: proposal rounds (each pending overflow assignment proposes its token's
+    next-best expert with room; each expert accepts by priority up to its room). A fixed number
+    of device rounds, so the plan never waits for the host."""
+
     def __post_init__(self) -> None:
         if self.policy is None:  # frozen: resolve the default in place, once
             object.__setattr__(self, "policy", "none" if self.capacity_factor is None else "drop")
@@ -97,10 +105,12 @@ class CapacityConfig:
                 f"policy={self.policy!r} needs a capacity_factor (gamma > 0); without one the plan "
                 "is dropless: set capacity_factor, or use policy 'none' (or leave policy unset)"
             )
-        for name in ("min_capacity", "seed"):
+        for name in ("min_capacity", "seed", "reroute_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.reroute_rounds < 1:
+            raise ValueError(f"reroute_rounds must be >= 1, got {self.reroute_rounds}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
         if not 0 <= self.seed < 2**32:

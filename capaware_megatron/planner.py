@@ -1,42 +1,44 @@
-"""The capacity-aware routing plan (torch reference implementation, the CPU path).
+"""plan_routing: the capacity-aware routing plan, orchestrated over one backend's ops.
 
 Notation: T tokens on this rank, E experts, k experts per token (the router's top-k), B capacity
 bins (an expert each for scopes local/global, an expert-parallel rank each for scope device), m
 experts per bin, C a bin's capacity, W ranks in the group (global scope).
 
-Pipeline (each step an op of the backend: this module's torch twins or the Triton kernels):
-    collect_candidates  the priority key of every candidate assignment (priority.py), and the
-                        plan as if nothing overflowed: router picks keep the router weight,
-                        expanded drop's local candidates take their score
-    bin_thresholds      [B] int64, the C-th largest key of each bin (group-wide in global scope)
-    drop_below          clears candidates with key < threshold -> exactly min(C, load) per bin
-    reroute             overflow -> next-best experts with room, exact serial order, vectorised
-                        in rounds; a new assignment takes its score as weight
+Pipeline (each step an op of the backend: capaware_megatron.ops, the torch twins, or the Triton
+kernels in capaware_megatron.kernels, which share the interface):
+    collect_candidates  priority keys of the candidates; the plan as if nothing overflowed
+    bin_thresholds      [B] the C-th largest key of each bin (bin_top_keys + one gather: global)
+    drop_below          clears candidates below their bin's threshold
+    reroute             (ops.reroute, device ops for both backends) the overflow moves to
+                        experts with room in CapacityConfig.reroute_rounds rounds
 
 Keys are unique, so a threshold keeps exactly the top-C candidates of a bin and a distributed
 caller needs only the per-bin top-C keys of every rank to reproduce the single-process plan.
+
+Host synchronization: none with an ExpertLayout (or none needed), ``validate=False`` and a given
+``topk``, for every policy, priority and scope local / device; output shapes depend only on (T,
+E, k, C). Global scope reads the group's token counts once per plan (a [W] gather), since C
+depends on them.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
+from . import ops as torch_ops
 from .config import TRITON_MAX_EXPERTS, CapacityConfig, expert_capacity
 from .group import RoutingGroup
-from .priority import NOT_ROUTED, assignment_keys, decode_token
+from .layout import ExpertLayout, ExpertSet
+from .ops.reroute import Bins
 
-ExpertSet = Union[Sequence[int], torch.Tensor]
 CapacityFn = Callable[[int, int, int, float, int], int]
-_MIN_WINDOW = 256  # fewest overflow items a reroute round looks at
-_FIRST_PREFERENCES = 16  # preferences a reroute proposal searches before the whole row
 
-__all__ = ["RoutingPlan", "plan_routing"]
+__all__ = ["ExpertLayout", "RoutingPlan", "plan_routing"]
 
 
 @dataclass
@@ -63,26 +65,12 @@ class RoutingPlan:
     num_rerouted: torch.Tensor
 
 
-@dataclass(frozen=True)
-class _Bins:
-    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m."""
-
-    expert_to_bin: torch.Tensor
-    num_bins: int
-    experts_per_bin: int
-
-    @property
-    def experts(self) -> torch.Tensor:
-        """[B, m] int64: the experts of each bin."""
-        order = torch.argsort(self.expert_to_bin, stable=True)
-        return order.view(self.num_bins, self.experts_per_bin)
-
-
 def plan_routing(
     scores: torch.Tensor,
     routing_map: torch.Tensor,
     cfg: Union[CapacityConfig, Mapping[str, Any]],
     *,
+    layout: Optional[ExpertLayout] = None,
     local_experts: Optional[ExpertSet] = None,
     expert_to_rank: Optional[ExpertSet] = None,
     probs: Optional[torch.Tensor] = None,
@@ -98,18 +86,22 @@ def plan_routing(
         scores: [T, E] full router probabilities (softmax over all experts), fp32/bf16/fp16.
         routing_map: [T, E] bool, the router's top-k choice.
         cfg: the capacity configuration, or a mapping of its fields (unknown keys are refused).
-        local_experts: experts hosted on this rank (indices or a [E] bool mask), or a [T, E] bool
-            mask of each token's own device's experts; policy expanded.
-        expert_to_rank: [E] EP rank hosting each expert; scope device.
+        layout: the layer's experts (ExpertLayout.build, once per layer): scope device and
+            policy expanded read it; no host work per plan.
+        local_experts: instead of a layout, the experts hosted on this rank (indices or a [E] bool
+            mask, checked on the host per call), or a [T, E] bool mask of each token's own
+            device's experts (used as given); policy expanded.
+        expert_to_rank: instead of a layout, [E] EP rank of each expert (checked per call); scope
+            device.
         probs: [T, E] the router's combine weights for routing_map (default scores * routing_map);
             kept assignments keep them, rerouted ones take ``scores``.
         topk: k; inferred from routing_map (a host sync) when None.
         group: the ranks a global-scope plan spans; None is a group of one.
         training: the module's mode; capacity applies in training only with apply_in_training.
-        capacity_fn: C from (tokens, k, bins, gamma, min_capacity); default Megatron-Core's
-            formula (``expert_capacity``), the DeepSpeed gate passes DeepSpeed's float32 one.
         validate: check values too (scores and probs finite, uniform k, index ranges): the
             boundary check, which syncs with the host; shape, dtype and type checks always run.
+        capacity_fn: C from (tokens, k, bins, gamma, min_capacity); default Megatron-Core's
+            formula (``expert_capacity``), the DeepSpeed gate passes DeepSpeed's float32 one.
 
     Returns:
         RoutingPlan.
@@ -117,10 +109,11 @@ def plan_routing(
     cfg = _as_capacity_config(cfg)
     num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
     tokens_before = routing_map.sum(0, dtype=torch.int64)
+    layout = _layout(layout, expert_to_rank, local_experts, num_experts, cfg, scores.device)
 
     global_group = _check_group(cfg, group)
-    bins = _bins(cfg, expert_to_rank, num_experts, scores.device)
-    local_mask = _local_mask(cfg, local_experts, num_tokens, num_experts, scores.device, validate)
+    bins = _bins(cfg, layout, num_experts, scores.device)
+    local_mask = _local_mask(cfg, layout, local_experts, num_tokens, num_experts)
 
     token_offset, group_tokens = 0, num_tokens
     if global_group is not None:
@@ -145,16 +138,14 @@ def plan_routing(
     )
     candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
     ops = _ops_for(cfg.backend, scores)
-    lists, keep, weights = ops.collect_candidates(
+    state, keep, weights = ops.collect_candidates(
         scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset
     )
     if global_group is None:
-        thresholds = ops.bin_thresholds(lists, bins.experts, capacity)
+        thresholds = ops.bin_thresholds(state, bins.experts, capacity)
     else:
-        thresholds = _group_thresholds(ops.bin_top_keys(lists, bins.experts, capacity), global_group)
-    new_map, new_probs, tokens_after, dropped_keys = ops.drop_below(
-        lists, thresholds, bins.expert_to_bin, keep, weights, cfg.policy == "reroute"
-    )
+        thresholds = _group_thresholds(ops.bin_top_keys(state, bins.experts, capacity), global_group)
+    new_map, new_probs, tokens_after = ops.drop_below(state, thresholds, bins.expert_to_bin, keep, weights)
     if cfg.policy == "expanded":
         num_rerouted = (new_map & ~routing_map).sum(dtype=torch.int64)
         num_dropped = (routing_map & ~new_map).sum(dtype=torch.int64)
@@ -162,21 +153,17 @@ def plan_routing(
         num_dropped = tokens_before.sum() - tokens_after.sum()
         num_rerouted = torch.zeros_like(num_dropped)
     if cfg.policy == "reroute":
-        token_idx = decode_token(dropped_keys, num_experts, token_offset)
-        choice = _reroute(
-            scores, routing_map, token_idx, dropped_keys, tokens_after, bins, capacity, global_group, ops
+        placed = torch_ops.reroute(
+            scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
+            cfg.reroute_rounds, cfg.priority, cfg.seed, token_offset, global_group,
         )
-        placed = choice >= 0
-        token_idx, choice = token_idx[placed], choice[placed]
-        new_map[token_idx, choice] = True
-        new_probs[token_idx, choice] = scores[token_idx, choice].to(new_probs.dtype)
-        tokens_after = tokens_after + torch.bincount(choice, minlength=num_experts)
-        num_rerouted = placed.sum(dtype=torch.int64)
+        new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
+        num_rerouted = placed.num_rerouted
         num_dropped = num_dropped - num_rerouted
-    if ops is not sys.modules[__name__] and _needs_grad(scores, probs):
+    if ops is not torch_ops and _needs_grad(scores, probs):
         # Kernels write the weights outside autograd: take the same values through torch ops so
         # the router's gradient flows through the plan's combine weights.
-        new_probs = torch.where(new_map, _router_or_score(routing_map, probs, scores), 0)
+        new_probs = torch.where(new_map, torch_ops.router_or_score(routing_map, probs, scores), 0)
     if cfg.renormalize:
         new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
     return RoutingPlan(
@@ -197,13 +184,6 @@ def _router_weights(
     return scores * routing_map if probs is None else probs
 
 
-def _router_or_score(
-    routing_map: torch.Tensor, probs: Optional[torch.Tensor], scores: torch.Tensor
-) -> torch.Tensor:
-    """[T, E]: the weight each candidate gets if kept: the router's for its picks, else the score."""
-    return scores if probs is None else torch.where(routing_map, probs, scores.to(probs.dtype))
-
-
 def _needs_grad(scores: torch.Tensor, probs: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and (
         scores.requires_grad or (probs is not None and probs.requires_grad)
@@ -216,7 +196,8 @@ def _group_layout(
     """(this rank's first token index, the group's token count, the group's k): one gather.
 
     A rank without tokens cannot infer k, so k comes from the ranks that have tokens; ranks that
-    disagree raise the same error everywhere (no rank is left waiting in a collective).
+    disagree raise the same error everywhere (no rank is left waiting in a collective). Read on
+    the host: C depends on the group's token count.
     """
     mine = torch.tensor([num_tokens, topk if num_tokens else 0], device=device)
     layout = group.all_gather(mine).cpu()
@@ -250,74 +231,6 @@ def _renormalize(new_probs: torch.Tensor, old_probs: torch.Tensor) -> torch.Tens
     return (new_probs.float() * scale).to(new_probs.dtype)
 
 
-# ----------------------------------------------------------------------------------- thresholds
-
-
-def _top_keys(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, L] -> [B, count]: each row's largest keys, descending, padded with NOT_ROUTED."""
-    top = torch.topk(rows, min(count, rows.shape[1]), dim=1, sorted=True).values
-    return torch.nn.functional.pad(top, (0, count - top.shape[1]), value=NOT_ROUTED)
-
-
-def _bin_major(keys: torch.Tensor, bin_experts: torch.Tensor) -> torch.Tensor:
-    """[T, E] -> [B, T * m]: every bin's keys in one row."""
-    return keys[:, bin_experts].permute(1, 0, 2).reshape(bin_experts.shape[0], -1)
-
-
-def collect_candidates(
-    scores: torch.Tensor,
-    candidates: torch.Tensor,
-    routing_map: torch.Tensor,
-    probs: Optional[torch.Tensor],
-    priority: str,
-    seed: int = 0,
-    token_offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys [T, E] int64, keep [T, E] bool, weights [T, E]): the plan before capacity.
-
-    keys are the backend's candidate state (NOT_ROUTED off the candidates); every candidate is
-    kept, router picks with the router weight (probs, default the score), others with the score.
-    """
-    keys = assignment_keys(scores, candidates, priority, seed, token_offset)
-    weights = _router_or_score(routing_map, probs, scores)
-    return keys, candidates.clone(), weights.masked_fill(~candidates, 0)
-
-
-def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
-    """[B] int64: the capacity-th largest key of each bin (NOT_ROUTED when it has fewer).
-
-    Keys are unique, so ``key >= threshold`` keeps exactly min(capacity, load) per bin.
-    """
-    return bin_top_keys(keys, bin_experts, capacity)[:, capacity - 1]
-
-
-def bin_top_keys(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
-    """[B, C] int64: each bin's largest keys, padded with NOT_ROUTED."""
-    return _top_keys(_bin_major(keys, bin_experts), capacity)
-
-
-def drop_below(
-    keys: torch.Tensor,
-    thresholds: torch.Tensor,
-    expert_to_bin: torch.Tensor,
-    keep: torch.Tensor,
-    weights: torch.Tensor,
-    want_overflow: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(keep, weights, kept per expert [E] int64, dropped keys [M] or None).
-
-    Clears the candidates whose key is below their bin's threshold.
-    """
-    dropped = keep & (keys < thresholds[expert_to_bin])
-    keep = keep & ~dropped
-    return (
-        keep,
-        weights.masked_fill(dropped, 0),
-        keep.sum(0, dtype=torch.int64),
-        keys[dropped] if want_overflow else None,
-    )
-
-
 def _group_thresholds(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
     """bin_thresholds over the whole group from every rank's [B, C] top keys: one gather.
 
@@ -326,19 +239,19 @@ def _group_thresholds(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
     num_bins, capacity = top.shape
     gathered = group.all_gather(top)  # [W, B, C]
     merged = gathered.permute(1, 0, 2).reshape(num_bins, -1)
-    return _top_keys(merged, capacity)[:, capacity - 1]
+    return torch_ops.top_keys(merged, capacity)[:, capacity - 1]
 
 
 def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
-    """The module computing the plan's steps: this one (torch) or the Triton kernels."""
+    """The module computing the plan's steps: the torch twins or the Triton kernels."""
     triton_fits = scores.shape[1] <= TRITON_MAX_EXPERTS
     if backend == "torch" or (backend == "auto" and not (scores.is_cuda and triton_fits)):
-        return sys.modules[__name__]
+        return torch_ops
     try:
         from . import kernels
     except ImportError as err:
         if backend == "auto":
-            return sys.modules[__name__]
+            return torch_ops
         raise ImportError(f"backend='triton' is unavailable: {err}") from err
     if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -346,185 +259,6 @@ def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:
             "on CPU use backend='torch' or 'auto', or TRITON_INTERPRET=1 for the interpreter"
         )
     return kernels
-
-
-# ------------------------------------------------------------------------------------- reroute
-
-
-def _reroute(
-    scores: torch.Tensor,
-    routing_map: torch.Tensor,
-    token_idx: torch.Tensor,
-    item_keys: torch.Tensor,
-    kept_per_expert: torch.Tensor,
-    bins: _Bins,
-    capacity: int,
-    group: Optional[RoutingGroup],
-    ops: ModuleType,
-) -> torch.Tensor:
-    """[M] int64: the new expert of each overflow item (token_idx, item_keys), or -1 (dropped).
-
-    Serial semantics, exact: overflow assignments are taken in priority order (highest key
-    first); each moves to its token's best-scored expert (ties: lower index) whose bin still has
-    room and that the token does not use yet; with no such expert it is dropped. With a group
-    (global scope) room is group-wide and the overflow of all ranks is placed together,
-    identically on every rank. The items may come in any order.
-    """
-    tokens, item_token = torch.unique(token_idx, return_inverse=True)
-    rows, used = scores[tokens].float(), routing_map[tokens]
-    kept_per_bin = torch.zeros(bins.num_bins, dtype=torch.int64, device=scores.device)
-    kept_per_bin.index_add_(0, bins.expert_to_bin, kept_per_expert)
-    mine = slice(0, token_idx.shape[0])
-    if group is not None and group.world_size > 1:
-        # Every rank's items and token table, concatenated in rank order.
-        kept_per_bin = group.all_gather(kept_per_bin).sum(0)
-        item_keys, item_counts = _gather_concat(group, item_keys, NOT_ROUTED)
-        rows, token_counts = _gather_concat(group, rows, 0.0)
-        used = _gather_concat(group, used, False)[0]
-        first_token = torch.cumsum(token_counts, 0) - token_counts
-        item_token = _gather_concat(group, item_token + first_token[group.rank], -1)[0]
-        first = int(item_counts[: group.rank].sum())
-        mine = slice(first, first + token_idx.shape[0])
-    return _place_overflow(
-        item_keys, item_token, rows, used, capacity - kept_per_bin, bins.expert_to_bin, ops
-    )[mine]
-
-
-def _gather_concat(
-    group: RoutingGroup, tensor: torch.Tensor, fill: Any
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's tensor (first dimensions differ) concatenated in rank order, and the lengths."""
-    padded, lengths = group.gather_padded(tensor, fill)
-    valid = torch.arange(padded.shape[1], device=padded.device) < lengths.unsqueeze(1)
-    return padded[valid], lengths
-
-
-def _place_overflow(
-    item_keys: torch.Tensor,
-    item_token: torch.Tensor,
-    token_rows: torch.Tensor,
-    token_used: torch.Tensor,
-    room: torch.Tensor,
-    expert_to_bin: torch.Tensor,
-    ops: ModuleType,
-) -> torch.Tensor:
-    """Serial greedy placement, computed in at most B + 1 vectorised rounds.
-
-    Args:
-        item_keys: [M] int64 priority of each overflow assignment.
-        item_token: [M] int64, each item's token (a row of the token table).
-        token_rows: [U, E] fp32 scores of each token.
-        token_used: [U, E] bool, experts each token already uses (its router top-k).
-        room: [B] int64 free slots per bin.
-        expert_to_bin: [E] int64.
-        ops: the backend computing each round's proposals (propose_experts).
-
-    Returns:
-        [M] int64, the chosen expert or -1 (dropped).
-
-    Each round, every pending item that would be the j-th of its token still pending takes the
-    j-th best free expert of its token. Walking pending items by key, the choices are exactly the
-    serial ones until the first item whose bin runs out of room; that prefix is committed and its
-    bin is then full, so every round fills a bin or ends the work. A round looks only at a window
-    of the first pending items (a prefix of the serial order, so its proposals are exact), sized
-    from the previous round's commit: the work stays near O(M * E) instead of O(B * M * E).
-    """
-    num_items = item_keys.shape[0]
-    device = item_keys.device
-    choice = torch.full((num_items,), -1, dtype=torch.int64, device=device)
-    if num_items == 0:
-        return choice
-    num_bins = room.shape[0]
-    room = room.clone()
-    token_used = token_used.clone()
-    # The serial order: pending items sorted by key, highest first.
-    pending = torch.argsort(item_keys, descending=True)
-    preference = torch.sort(token_rows, dim=1, descending=True, stable=True).indices  # [U, E]
-    window = max(_MIN_WINDOW, 2 * num_items // num_bins)
-    while pending.numel() > 0:
-        head, rest = pending[:window], pending[window:]
-        slot = item_token[head]
-        expert, has_choice = ops.propose_experts(
-            preference, slot, _rank_within_group(slot), token_used, room, expert_to_bin
-        )
-        bin_of = expert_to_bin[expert]
-        # Choices per bin so far, in serial order (items without a choice join no bin's count).
-        earlier_in_bin = _rank_within_group(torch.where(has_choice, bin_of, num_bins))
-        bad = has_choice & (earlier_in_bin >= room[bin_of])
-        positions = torch.arange(head.shape[0], device=device)
-        cut = int(torch.where(bad, positions, head.shape[0]).min())
-        commit = has_choice & (positions < cut)
-        committed = commit.nonzero().squeeze(1)
-        choice[head[committed]] = expert[committed]
-        room -= torch.bincount(bin_of[committed], minlength=num_bins)
-        token_used[slot[committed], expert[committed]] = True
-        # Items without any free expert now never find one later (room and choice only shrink).
-        pending = torch.cat([head[~commit & has_choice], rest])
-        window = max(_MIN_WINDOW, 2 * cut) if cut < head.shape[0] else 2 * window
-    return choice
-
-
-def propose_experts(
-    preference: torch.Tensor,
-    slot: torch.Tensor,
-    rank_in_token: torch.Tensor,
-    token_used: torch.Tensor,
-    room: torch.Tensor,
-    expert_to_bin: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One round's proposals: each pending item's (rank_in_token)-th free expert.
-
-    Args:
-        preference: [U, E] every token's experts, best score first.
-        slot: [P] each pending item's token (a row of preference and token_used);
-        rank_in_token: [P] pending items of the same token before this one.
-        token_used: [U, E] bool, experts each token uses; room: [B]; expert_to_bin: [E].
-
-    Returns:
-        (expert [P] int64, has_choice [P] bool).
-
-    Most items find their expert among their token's first few preferences, so those are
-    searched first and only the items that find none there search the whole row.
-    """
-    free_expert = room[expert_to_bin] > 0
-    head = preference[:, : min(_FIRST_PREFERENCES, preference.shape[1])]
-    expert, has_choice = _nth_free(head, slot, rank_in_token, token_used, free_expert)
-    if head.shape[1] < preference.shape[1]:
-        retry = (~has_choice).nonzero().squeeze(1)
-        expert[retry], has_choice[retry] = _nth_free(
-            preference, slot[retry], rank_in_token[retry], token_used, free_expert
-        )
-    return expert, has_choice
-
-
-def _nth_free(
-    preference: torch.Tensor,
-    slot: torch.Tensor,
-    rank_in_token: torch.Tensor,
-    token_used: torch.Tensor,
-    free_expert: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each item's (rank_in_token)-th expert in its preference row with room and not yet used."""
-    ranked = preference[slot]
-    used = token_used.view(-1)[slot.unsqueeze(1) * token_used.shape[1] + ranked]
-    free = free_expert[ranked] & ~used
-    running = free.long().cumsum(1)
-    has_choice = running[:, -1] > rank_in_token
-    position = (running <= rank_in_token.unsqueeze(1)).sum(1).clamp_max(ranked.shape[1] - 1)
-    return torch.gather(ranked, 1, position.unsqueeze(1)).squeeze(1), has_choice
-
-
-def _rank_within_group(group_ids: torch.Tensor) -> torch.Tensor:
-    """[P] -> [P]: how many earlier entries share each entry's id (0 for the first)."""
-    order = torch.argsort(group_ids, stable=True)
-    sorted_ids = group_ids[order]
-    positions = torch.arange(group_ids.shape[0], device=group_ids.device)
-    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
-    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    first = torch.cummax(torch.where(starts, positions, 0), 0).values
-    ranks = torch.empty_like(positions)
-    ranks[order] = positions - first
-    return ranks
 
 
 # -------------------------------------------------------------------------------- validation
@@ -601,62 +335,60 @@ def _check_group(cfg: CapacityConfig, group: Optional[RoutingGroup]) -> Optional
     return group
 
 
-def _as_index_tensor(name: str, value: ExpertSet, device: torch.device) -> torch.Tensor:
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(list(value), dtype=torch.int64)
-    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.dim() != 1:
-        raise TypeError(f"{name} must be a 1-D sequence of integer indices")
-    return tensor.to(device=device, dtype=torch.int64)
-
-
-def _bins(
-    cfg: CapacityConfig,
+def _layout(
+    layout: Optional[ExpertLayout],
     expert_to_rank: Optional[ExpertSet],
+    local_experts: Optional[ExpertSet],
     num_experts: int,
+    cfg: CapacityConfig,
     device: torch.device,
-) -> _Bins:
-    if cfg.scope != "device":
-        return _Bins(torch.arange(num_experts, device=device), num_experts, 1)
-    if expert_to_rank is None:
+) -> Optional[ExpertLayout]:
+    """The layout on the scores' device: the one given, or one built (and checked) per call."""
+    per_token = isinstance(local_experts, torch.Tensor) and local_experts.dim() == 2
+    if layout is not None:
+        if not isinstance(layout, ExpertLayout):
+            raise TypeError(f"layout must be an ExpertLayout, got {type(layout).__name__}")
+        if expert_to_rank is not None or (local_experts is not None and not per_token):
+            raise ValueError("pass either layout or expert_to_rank / local_experts, not both")
+        if layout.num_experts != num_experts:
+            raise ValueError(f"layout has {layout.num_experts} experts, scores {num_experts}")
+        return layout.to(device)
+    needs_ranks = cfg.scope == "device"
+    needs_local = cfg.policy == "expanded" and not per_token
+    if not (needs_ranks or needs_local):
+        return None
+    if needs_ranks and expert_to_rank is None:
         raise ValueError("scope='device' needs expert_to_rank ([num_experts] EP rank of each expert)")
-    # Checked on the host: no device syncs per plan (the mapping is a few hundred entries).
-    mapping = _as_index_tensor("expert_to_rank", expert_to_rank, torch.device("cpu"))
-    if mapping.numel() != num_experts:
-        raise ValueError(
-            f"expert_to_rank has {mapping.numel()} entries, expected num_experts={num_experts}"
-        )
-    num_ranks = int(mapping.max()) + 1
-    per_rank = torch.bincount(mapping.clamp_min(0), minlength=num_ranks)
-    if int(mapping.min()) < 0 or bool((per_rank != per_rank[0]).any()):
-        raise ValueError(
-            "expert_to_rank must give every EP rank 0..R-1 the same number of experts, "
-            f"got counts {per_rank.tolist()}"
-        )
-    return _Bins(mapping.to(device), num_ranks, num_experts // num_ranks)
+    if needs_local and local_experts is None:
+        raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
+    return ExpertLayout.build(
+        num_experts, expert_to_rank if needs_ranks else None, local_experts if needs_local else None
+    ).to(device)
+
+
+def _bins(cfg: CapacityConfig, layout: Optional[ExpertLayout], num_experts: int, device: torch.device) -> Bins:
+    if cfg.scope != "device":
+        return Bins(torch.arange(num_experts, device=device), num_experts, 1)
+    return Bins(layout.expert_to_rank, layout.num_ranks, layout.experts_per_rank)
 
 
 def _local_mask(
     cfg: CapacityConfig,
+    layout: Optional[ExpertLayout],
     local_experts: Optional[ExpertSet],
     num_tokens: int,
     num_experts: int,
-    device: torch.device,
-    validate: bool,
-) -> torch.Tensor:
+) -> Optional[torch.Tensor]:
     """[E] or [T, E] bool: the experts on each token's own device (policy expanded)."""
     if cfg.policy != "expanded":
-        return torch.zeros(num_experts, dtype=torch.bool, device=device)
-    if local_experts is None:
-        raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
-    if isinstance(local_experts, torch.Tensor) and local_experts.dtype == torch.bool:
-        if local_experts.shape not in ((num_experts,), (num_tokens, num_experts)):
+        return None
+    if isinstance(local_experts, torch.Tensor) and local_experts.dim() == 2:
+        if local_experts.dtype != torch.bool or local_experts.shape != (num_tokens, num_experts):
             raise ValueError(
-                f"a local_experts mask must be [{num_experts}] or [{num_tokens}, {num_experts}], "
-                f"got {tuple(local_experts.shape)}"
+                f"a per-token local_experts mask must be [{num_tokens}, {num_experts}] bool, "
+                f"got {tuple(local_experts.shape)} {local_experts.dtype}"
             )
-        return local_experts.to(device)
-    index = _as_index_tensor("local_experts", local_experts, torch.device("cpu"))
-    if validate and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_experts):
-        raise ValueError(f"local_experts must lie in [0, {num_experts}), got {index.tolist()}")
-    mask = torch.zeros(num_experts, dtype=torch.bool)
-    mask[index] = True
-    return mask.to(device)
+        return local_experts
+    if layout is None or layout.local_experts is None:
+        raise ValueError("policy='expanded' needs local_experts (the experts hosted on this rank)")
+    return layout.local_experts

@@ -1,7 +1,7 @@
 """Triton kernels computing the routing plan (installed as capaware_megatron.kernels).
 
 The planner picks them with CapacityConfig(backend="triton"), or backend="auto" on CUDA tensors;
-capaware_megatron.planner is the torch reference they are tested against.
+capaware_megatron.ops holds the torch twins they are tested against.
 """
 
 import re
@@ -30,7 +30,6 @@ if _version_tuple(triton.__version__) < MIN_TRITON:
     )
 
 from .permute import permutation_indices
-from .reroute import propose_experts
 from .routing_plan import (
     CandidateLists,
     bin_thresholds,
@@ -46,5 +45,4 @@ __all__ = [
     "collect_candidates",
     "drop_below",
     "permutation_indices",
-    "propose_experts",
 ]

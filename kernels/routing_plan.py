@@ -220,13 +220,9 @@ def _drop_kernel(
     keep_ptr,
     weights_ptr,
     kept_ptr,
-    overflow_ptr,
-    overflow_count_ptr,
-    overflow_size,
     num_tokens,
     num_experts,
     token_offset,
-    WRITE_OVERFLOW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0).to(tl.int64)
@@ -243,12 +239,7 @@ def _drop_kernel(
             tl.store(keep_ptr + token * num_experts + expert, tl.zeros([BLOCK], tl.int8), mask=cleared)
             zero_weight = tl.zeros([BLOCK], weights_ptr.dtype.element_ty)
             tl.store(weights_ptr + token * num_experts + expert, zero_weight, mask=cleared)
-            block_dropped = tl.sum(flags, 0)
-            if WRITE_OVERFLOW:
-                base = tl.atomic_add(overflow_count_ptr, block_dropped)
-                slot = base + tl.cumsum(flags, 0) - flags
-                tl.store(overflow_ptr + slot, key, mask=cleared & (slot < overflow_size))
-            dropped += block_dropped
+            dropped += tl.sum(flags, 0)
     tl.store(kept_ptr + expert, (count - dropped).to(tl.int64))
 
 
@@ -281,7 +272,7 @@ def collect_candidates(
     seed: int = 0,
     token_offset: int = 0,
 ) -> tuple[CandidateLists, torch.Tensor, torch.Tensor]:
-    """Triton twin of capaware_megatron.planner.collect_candidates: (lists, keep, weights).
+    """Triton twin of capaware_megatron.ops.collect_candidates: (lists, keep, weights).
 
     keep and weights are the plan before capacity (every candidate kept); drop_below clears
     what does not fit.
@@ -367,28 +358,20 @@ def drop_below(
     expert_to_bin: torch.Tensor,
     keep: torch.Tensor,
     weights: torch.Tensor,
-    want_overflow: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Triton twin of capaware_megatron.planner.drop_below: (keep, weights, kept [E], dropped keys).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of capaware_megatron.ops.drop_below: (keep, weights, kept per expert [E]).
 
-    Clears keep and weights in place where a candidate's key is below its bin's threshold; the
-    dropped keys come back unordered (want_overflow: two host syncs size and trim their buffer).
+    Clears keep and weights in place where a candidate's key is below its bin's threshold.
     """
     num_experts, num_tokens = lists.keys.shape
     device = lists.keys.device
     kept = torch.empty(num_experts, dtype=torch.int64, device=device)
-    overflow_size = int(lists.counts.sum()) if want_overflow else 0
-    overflow = torch.empty(overflow_size, dtype=torch.int64, device=device)
-    overflow_count = torch.zeros(1, dtype=torch.int32, device=device)
     if num_tokens == 0:
         kept.zero_()
-        return keep, weights, kept, overflow if want_overflow else None
+        return keep, weights, kept
     _drop_kernel[(num_experts,)](
         lists.keys, lists.counts, expert_to_bin.to(device=device, dtype=torch.int64).contiguous(),
         thresholds.contiguous(), keep.view(torch.int8), weights, kept,
-        overflow, overflow_count, overflow_size, num_tokens, num_experts, lists.token_offset,
-        WRITE_OVERFLOW=want_overflow, BLOCK=1024,
+        num_tokens, num_experts, lists.token_offset, BLOCK=1024,
     )
-    if not want_overflow:
-        return keep, weights, kept, None
-    return keep, weights, kept, overflow[: int(overflow_count)]
+    return keep, weights, kept

@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from capaware_megatron.kernels import permute, reroute, routing_plan
+from capaware_megatron.kernels import permute, routing_plan
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTER = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
@@ -34,16 +34,8 @@ def _drop_args(dtype):
     return {
         "lists_ptr": "*i64", "counts_ptr": "*i32", "expert_to_bin_ptr": "*i64",
         "thresholds_ptr": "*i64", "keep_ptr": "*i8", "weights_ptr": POINTER[dtype], "kept_ptr": "*i64",
-        "overflow_ptr": "*i64", "overflow_count_ptr": "*i32", "overflow_size": "i32",
         "num_tokens": "i32", "num_experts": "i32", "token_offset": "i32",
     }
-
-
-PROPOSE_ARGS = {
-    "preference_ptr": "*i64", "slot_ptr": "*i64", "rank_ptr": "*i64",
-    "used_ptr": "*u8", "room_ptr": "*i64", "bin_ptr": "*i64", "expert_ptr": "*i64",
-    "has_choice_ptr": "*i8", "num_pending": "i32", "num_experts": "i32",
-}
 
 
 def _permute_args(dtype):
@@ -77,12 +69,7 @@ def variants():
             yield (f"select-top{int(write_top)}-M{block_m}", routing_plan._select_kernel, SELECT_ARGS,
                    {"WRITE_TOP": write_top, "BLOCK": 1024, "BLOCK_M": block_m})
     for dtype in POINTER:
-        for write_overflow in (False, True):
-            yield (f"drop-{dtype}-overflow{int(write_overflow)}", routing_plan._drop_kernel,
-                   _drop_args(dtype), {"WRITE_OVERFLOW": write_overflow, "BLOCK": 1024})
-    for block_e in (8, 512):
-        yield (f"propose-E{block_e}", reroute._propose_kernel, PROPOSE_ARGS,
-               {"BLOCK_P": 4096 // block_e, "BLOCK_E": block_e})
+        yield f"drop-{dtype}", routing_plan._drop_kernel, _drop_args(dtype), {"BLOCK": 1024}
     for dtype in POINTER:
         yield f"permute-{dtype}", permute._permute_index_kernel, _permute_args(dtype), {"BLOCK_T": 1024}
 

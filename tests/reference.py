@@ -36,6 +36,48 @@ def priority(kind: str, score: float, token: int, expert: int, num_experts: int,
     raise AssertionError(kind)
 
 
+def _preferences(t, score, used, room, bin_of, num_experts):
+    """Token t's experts it does not use whose bin has room, best score first (ties: lower index)."""
+    free = [e for e in range(num_experts) if e not in used[t] and room[bin_of[e]] > 0]
+    return sorted(free, key=lambda e: (-score[t][e], e))
+
+
+def _serial_greedy(overflow, prio, score, used, room, bin_of, num_experts, rounds):
+    """Each overflow assignment, highest priority first, takes its token's best expert with room."""
+    placed = set()
+    for t, e in sorted(overflow, key=lambda a: prio(*a), reverse=True):
+        free = _preferences(t, score, used, room, bin_of, num_experts)
+        if free:
+            used[t].add(free[0])
+            room[bin_of[free[0]]] -= 1
+            placed.add((t, free[0]))
+    return placed
+
+
+def _proposal_rounds(overflow, prio, score, used, room, bin_of, num_experts, rounds):
+    """`rounds` rounds: a token's j-th pending assignment (by priority) proposes its j-th expert
+    with room at the round's start; each bin accepts its highest-priority proposals up to room."""
+    pending = {}
+    for t, e in overflow:
+        pending.setdefault(t, []).append(prio(t, e))
+    placed = set()
+    for _ in range(rounds):
+        start = list(room)
+        proposals = []  # (item key, token, expert)
+        for t, items in pending.items():
+            items.sort(reverse=True)
+            free = _preferences(t, score, used, start, bin_of, num_experts)
+            proposals += [(key, t, e) for key, e in zip(items, free)]
+        for b in range(len(room)):
+            in_bin = sorted((p for p in proposals if bin_of[p[2]] == b), reverse=True)
+            for key, t, e in in_bin[: max(start[b], 0)]:
+                used[t].add(e)
+                room[b] -= 1
+                placed.add((t, e))
+                pending[t].remove(key)
+    return placed
+
+
 def reference_plan(
     scores: torch.Tensor,
     routing_map: torch.Tensor,
@@ -44,8 +86,13 @@ def reference_plan(
     expert_to_rank=None,
     probs=None,
     training: bool = False,
+    exact_reroute: bool = False,
 ):
-    """Returns (routing_map [T, E] bool, probs [T, E], capacity)."""
+    """Returns (routing_map [T, E] bool, probs [T, E], capacity).
+
+    Reroute: cfg.reroute_rounds rounds of proposals (the planner's semantics), or with
+    exact_reroute the serial greedy (the yardstick the bounded rounds are measured against).
+    """
     num_tokens, num_experts = scores.shape
     score = scores.float().tolist()
     chosen = [set(torch.nonzero(row).flatten().tolist()) for row in routing_map]
@@ -90,15 +137,10 @@ def reference_plan(
     rerouted = set()
     if cfg.policy == "reroute":
         room = [capacity - sum(1 for (_, e) in kept if bin_of[e] == b) for b in range(num_bins)]
-        overflow = sorted((a for a in candidates if a not in kept), key=lambda a: prio(*a))
+        overflow = [a for a in candidates if a not in kept]
         used = [set(c) for c in chosen]
-        for t, _ in reversed(overflow):
-            free = [e for e in range(num_experts) if e not in used[t] and room[bin_of[e]] > 0]
-            if free:
-                best = min(free, key=lambda e: (-score[t][e], e))
-                used[t].add(best)
-                room[bin_of[best]] -= 1
-                rerouted.add((t, best))
+        place = _serial_greedy if exact_reroute else _proposal_rounds
+        rerouted = place(overflow, prio, score, used, room, bin_of, num_experts, cfg.reroute_rounds)
 
     new_map = torch.zeros_like(routing_map)
     new_probs = torch.zeros_like(probs)

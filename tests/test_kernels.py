@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from capaware_megatron import CapacityConfig, planner, plan_routing, priority
+from capaware_megatron import CapacityConfig, ops, planner, plan_routing, priority
 from capaware_megatron.synthetic import skewed_routing
 
 kernels = pytest.importorskip("capaware_megatron.kernels")
@@ -62,7 +62,7 @@ def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio
     probs = (scores.float() * routing_map * 1.7).to(probs_dtype) if prio != "position" else None
     args = (scores, candidates, routing_map, probs, prio, 11, 3)
     lists, keep, weights = kernels.collect_candidates(*args)
-    want_keys, want_keep, want_weights = planner.collect_candidates(*args)
+    want_keys, want_keep, want_weights = ops.collect_candidates(*args)
     assert torch.equal(lists.counts.long(), candidates.sum(0))
     assert torch.equal(_lists_as_columns(lists, num_tokens), want_keys)
     assert torch.equal(keep, want_keep)
@@ -77,7 +77,7 @@ def test_collect_candidates_non_contiguous_inputs():
     lists, keep, weights = kernels.collect_candidates(
         column_major[0], column_major[1], column_major[1], column_major[2], "score"
     )
-    want_keys, want_keep, want_weights = planner.collect_candidates(
+    want_keys, want_keep, want_weights = ops.collect_candidates(
         scores, routing_map, routing_map, probs, "score"
     )
     assert torch.equal(_lists_as_columns(lists, 40), want_keys)
@@ -87,7 +87,7 @@ def test_collect_candidates_non_contiguous_inputs():
 def _both_states(scores, candidates, prio="score", seed=0):
     """(Triton lists, torch keys) of the same candidates."""
     args = (scores, candidates, candidates, None, prio, seed)
-    return kernels.collect_candidates(*args)[0], planner.collect_candidates(*args)[0]
+    return kernels.collect_candidates(*args)[0], ops.collect_candidates(*args)[0]
 
 
 @pytest.mark.parametrize(
@@ -102,10 +102,10 @@ def test_thresholds_and_top_keys_match_torch(num_tokens, num_experts, topk, per_
     bin_experts = torch.randperm(num_experts).view(-1, per_bin).to(DEVICE)  # bins need not be contiguous
     lists, keys = _both_states(scores, routing_map)
     got = kernels.bin_thresholds(lists, bin_experts, capacity)
-    assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
+    assert torch.equal(got, ops.bin_thresholds(keys, bin_experts, capacity))
     # Global scope's per-bin top keys: the same set (the kernel leaves them unordered).
     got_top = kernels.bin_top_keys(lists, bin_experts, capacity)
-    want_top = planner.bin_top_keys(keys, bin_experts, capacity)
+    want_top = ops.bin_top_keys(keys, bin_experts, capacity)
     assert torch.equal(got_top.sort(1, descending=True).values, want_top)
 
 
@@ -117,7 +117,7 @@ def test_thresholds_on_ties_and_extreme_keys():
         lists, keys = _both_states(scores, routing_map, prio, seed=2**32 - 1)
         for capacity in (1, 2, 25, 49, 50, 51):
             got = kernels.bin_thresholds(lists, bin_experts, capacity)
-            assert torch.equal(got, planner.bin_thresholds(keys, bin_experts, capacity))
+            assert torch.equal(got, ops.bin_thresholds(keys, bin_experts, capacity))
 
 
 @pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
@@ -233,10 +233,10 @@ def test_kernel_input_errors():
 def test_auto_backend_picks_triton_on_cuda_up_to_512_experts(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert planner._ops_for("auto", torch.zeros(4, 512)) is kernels
-    assert planner._ops_for("auto", torch.zeros(4, 513)) is planner  # beyond the kernels' limit
-    assert planner._ops_for("torch", torch.zeros(4, 8)) is planner
+    assert planner._ops_for("auto", torch.zeros(4, 513)) is ops  # beyond the kernels' limit
+    assert planner._ops_for("torch", torch.zeros(4, 8)) is ops
     monkeypatch.undo()
-    assert planner._ops_for("auto", torch.zeros(4, 8)) is planner  # CPU tensors
+    assert planner._ops_for("auto", torch.zeros(4, 8)) is ops  # CPU tensors
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
@@ -259,35 +259,12 @@ def test_drop_below_bit_exact(num_tokens, num_experts, topk, dtype, per_bin):
     capacity = max(1, num_tokens * topk // num_experts)
     args = (scores, candidates, routing_map, probs, "score", 0, 5)
     lists, keep, weights = kernels.collect_candidates(*args)
-    keys, want_keep, want_weights = planner.collect_candidates(*args)
-    thresholds = planner.bin_thresholds(keys, bin_experts, capacity)
-    got = kernels.drop_below(lists, thresholds, expert_to_bin, keep, weights, True)
-    want = planner.drop_below(keys, thresholds, expert_to_bin, want_keep, want_weights, True)
-    for g, w in zip(got[:3], want[:3]):
+    keys, want_keep, want_weights = ops.collect_candidates(*args)
+    thresholds = ops.bin_thresholds(keys, bin_experts, capacity)
+    got = kernels.drop_below(lists, thresholds, expert_to_bin, keep, weights)
+    want = ops.drop_below(keys, thresholds, expert_to_bin, want_keep, want_weights)
+    for g, w in zip(got, want):
         assert torch.equal(g, w)
-    assert torch.equal(got[3].sort().values, want[3].sort().values)  # unordered from the kernel
-    assert kernels.drop_below(lists, thresholds, expert_to_bin, keep, weights, False)[3] is None
-
-
-@pytest.mark.parametrize("num_experts", [1, 5, 64, 512])
-def test_propose_experts_matches_torch(num_experts):
-    gen = torch.Generator().manual_seed(num_experts)
-    num_pending, num_tokens, num_bins = 30, 13, max(1, num_experts // 4)
-    preference = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(num_tokens)])
-    slot = torch.randint(0, num_tokens, (num_pending,), generator=gen)
-    rank_in_token = torch.randint(0, 3, (num_pending,), generator=gen)
-    token_used = torch.rand(num_tokens, num_experts, generator=gen) < 0.3
-    room = torch.randint(-1, 3, (num_bins,), generator=gen)
-    room[0] = 2  # at least one bin with room
-    expert_to_bin = torch.arange(num_experts) % num_bins
-    args = _on_device(preference, slot, rank_in_token, token_used, room, expert_to_bin)
-    got_expert, got_has = kernels.propose_experts(*args)
-    want_expert, want_has = planner.propose_experts(*args)
-    assert torch.equal(got_has, want_has)
-    assert torch.equal(got_expert[want_has], want_expert[want_has])
-    assert bool(want_has.any())
-    if num_experts <= 5:  # few experts: some items find none (both branches exercised)
-        assert not want_has.all()
 
 
 def test_old_triton_is_refused_with_a_clear_error(monkeypatch):

@@ -19,7 +19,7 @@ def test_wheel_holds_the_package_and_the_kernels_and_no_tests(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"capaware_megatron"}, packages  # no top-level kernels/ or tests/
-    for module in ("planner.py", "kernels/routing_plan.py", "kernels/reroute.py", "kernels/permute.py",
+    for module in ("planner.py", "kernels/routing_plan.py", "kernels/permute.py", "ops/reroute.py",
                    "figures/plots.py", "megatron/dispatcher.py", "deepspeed/gate.py", "monitor/sinks.py"):
         assert f"capaware_megatron/{module}" in names, module
     assert not any("/tests/" in name or name.startswith("tests/") for name in names)

@@ -25,8 +25,8 @@ def routings(draw):
     expert_to_rank = [e // per_rank for e in range(num_experts)]
     local = draw(st.sets(st.integers(0, num_experts - 1), max_size=num_experts))
     cfg = CapacityConfig(
-        capacity_factor=draw(st.one_of(st.none(), st.floats(0.05, 3.0))),
-        policy=draw(st.sampled_from(["drop", "reroute", "expanded"])),
+        capacity_factor=(factor := draw(st.one_of(st.none(), st.floats(0.05, 3.0)))),
+        policy=draw(st.sampled_from(["drop", "reroute", "expanded"] if factor is not None else ["none"])),
         priority=draw(st.sampled_from(["score", "position", "reverse", "random"])),
         scope=draw(st.sampled_from(["local", "device", "global"])),
         min_capacity=draw(st.integers(0, 3)),
@@ -106,11 +106,17 @@ def test_reroute_keeps_what_drop_keeps_and_is_maximal(case):
     if cfg.capacity_factor is None:
         return
     drop = _plan(scores, routing_map, CapacityConfig(**{**cfg.__dict__, "policy": "drop"}), local, expert_to_rank)
-    reroute = _plan(scores, routing_map, CapacityConfig(**{**cfg.__dict__, "policy": "reroute"}), local, expert_to_rank)
-    assert torch.equal(reroute.routing_map & routing_map, drop.routing_map & routing_map)
+    rounds = [1, 2, int(routing_map.sum()) + 1]  # the last is enough: every round places one or ends
+    plans = [_plan(scores, routing_map, CapacityConfig(**{**cfg.__dict__, "policy": "reroute", "reroute_rounds": r}),
+                   local, expert_to_rank) for r in rounds]
+    for reroute in plans:
+        assert torch.equal(reroute.routing_map & routing_map, drop.routing_map & routing_map)
+    # More rounds only add placements.
+    assert all(bool((a.routing_map <= b.routing_map).all()) for a, b in zip(plans, plans[1:]))
+    reroute = plans[-1]
     if int(reroute.num_dropped) == 0:
         return
-    # Whatever stays dropped found no room: every expert its token does not use is full.
+    # With enough rounds whatever stays dropped found no room: every expert its token does not use is full.
     bin_of = torch.tensor(expert_to_rank) if cfg.scope == "device" else torch.arange(scores.shape[1])
     load = torch.zeros(int(bin_of.max()) + 1, dtype=torch.int64).index_add_(
         0, bin_of, reroute.routing_map.sum(0)

@@ -25,8 +25,10 @@ agreed with one all_reduce(MAX) of one integer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_j
 
 from ..config import CapacityConfig
 from ..group import RoutingGroup
+from ..layout import ExpertLayout
 from ..planner import RoutingPlan, plan_routing
 
 
@@ -44,11 +47,10 @@ def deepspeed_capacity(
 
     DeepSpeed multiplies in float32 (a Python float times a 0-dim float32 tensor), which rounds
     differently from Megatron-Core's float64 ``ceil(T * k / E * gamma)`` at some points (T=25,
-    E=8, k=4, gamma=1.2: 16 here, 15 there). Host arithmetic only: no device tensor is touched.
+    E=8, k=4, gamma=1.2: 16 here, 15 there). Python and numpy scalars only: nothing to synchronize.
     """
-    ratio = torch.tensor(num_tokens / num_experts, dtype=torch.float32)
-    capacity = int(torch.ceil(ratio * torch.tensor(capacity_factor * topk, dtype=torch.float32)))
-    return max(capacity, min_capacity)
+    product = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * topk)  # float32 * float32
+    return max(math.ceil(product), min_capacity)
 
 
 class CapacityAwareGate(TopKGate):
@@ -62,6 +64,7 @@ class CapacityAwareGate(TopKGate):
         self.num_experts = num_experts
         self.last_plan: Optional[RoutingPlan] = None
         self.plan_observers: list = []
+        self._expert_layout: Optional[ExpertLayout] = None
 
     @staticmethod
     def check_shape(num_experts: int, k: int) -> None:
@@ -100,6 +103,17 @@ class CapacityAwareGate(TopKGate):
             return 0, 1
         return dist.get_rank(group), dist.get_world_size(group)
 
+    def _layout(self) -> ExpertLayout:
+        """Experts contiguous per EP rank; built (and checked) once, once the EP group is known."""
+        ep_rank, ep_size = self._ep()
+        if self._expert_layout is None or self._expert_layout.num_ranks != ep_size:
+            per_rank = self.num_experts // ep_size
+            self._expert_layout = ExpertLayout.build(
+                self.num_experts, torch.arange(self.num_experts) // per_rank,
+                range(ep_rank * per_rank, (ep_rank + 1) * per_rank),
+            )
+        return self._expert_layout
+
     def _router(self, input: torch.Tensor):
         """(fp32 logits, full softmax scores [S, E], top-k map [S, E])."""
         input_fp32 = input.float()
@@ -128,14 +142,10 @@ class CapacityAwareGate(TopKGate):
         combine = scores * routing_map
         if self.k > 1:  # DeepSpeed normalises the top-k weights for k >= 2
             combine = combine / combine.sum(1, keepdim=True).clamp_min(torch.finfo(combine.dtype).eps)
-        ep_rank, ep_size = self._ep()
-        per_rank = self.num_experts // ep_size
+        ep_size = self._ep()[1]
         cfg = self.capacity_config
         plan = plan_routing(
-            scores, routing_map, cfg,
-            local_experts=list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)),
-            expert_to_rank=torch.arange(self.num_experts) // per_rank,
-            probs=combine, topk=self.k,
+            scores, routing_map, cfg, layout=self._layout(), probs=combine, topk=self.k,
             group=RoutingGroup.from_process_group(self.ep_group) if cfg.scope == "global" and ep_size > 1 else None,
             training=self.training, validate=False, capacity_fn=deepspeed_capacity,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
-from ..config import BACKENDS, POLICIES, PRIORITIES, SCOPES, CapacityConfig
+from ..config import BACKENDS, DEFAULT_REROUTE_ROUNDS, POLICIES, PRIORITIES, SCOPES, CapacityConfig
 from .config import DISPATCHER_TYPE, check_megatron_conflicts
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -37,6 +37,8 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--capaware-apply-in-training", action="store_true",
                        help="Also cap in training (default: eval/inference only).")
     group.add_argument("--capaware-seed", type=int, default=0, help="Seed of priority random.")
+    group.add_argument("--capaware-reroute-rounds", type=int, default=DEFAULT_REROUTE_ROUNDS,
+                       help=f"Proposal rounds of policy reroute (default {DEFAULT_REROUTE_ROUNDS}).")
     group.add_argument("--capaware-backend", choices=BACKENDS, default="auto",
                        help="Planner backend (auto: Triton on GPU, torch on CPU).")
     group.add_argument("--capaware-log-interval", type=int, default=0,
@@ -84,6 +86,7 @@ def capacity_config_from_args(args: Any) -> CapacityConfig:
         apply_in_training=args.capaware_apply_in_training,
         seed=args.capaware_seed,
         backend=args.capaware_backend,
+        reroute_rounds=args.capaware_reroute_rounds,
     )
 
 

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config import CapacityConfig
 from ..group import RoutingGroup
+from ..layout import ExpertLayout
 from ..planner import RoutingPlan, plan_routing
 from .config import capacity_config_of
 
@@ -52,8 +53,10 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
                 f"moe_router_score_function={config.moe_router_score_function!r} is not supported "
                 f"by the capaware dispatcher; use one of {', '.join(_SCORE_FUNCTIONS)}"
             )
-        # [num_experts]: the EP rank hosting each expert (experts are contiguous per rank).
-        self.expert_to_rank = torch.arange(self.num_experts) // num_local_experts
+        # Where the experts live (contiguous per EP rank), checked once: plans reuse it.
+        self.expert_layout = ExpertLayout.build(
+            self.num_experts, torch.arange(self.num_experts) // num_local_experts, self.local_expert_indices
+        )
         self._routing_group: Optional[RoutingGroup] = None
         self._router_logits: Optional[torch.Tensor] = None
         self._plan_applied = False
@@ -95,8 +98,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             scores,
             routing_map,
             cfg,
-            local_experts=self.local_expert_indices,
-            expert_to_rank=self.expert_to_rank,
+            layout=self.expert_layout,
             probs=probs,
             topk=self.config.moe_router_topk,
             group=self._group(),
