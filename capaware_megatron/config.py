@@ -19,7 +19,7 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
-DEFAULT_REROUTE_ROUNDS = 6
+DEFAULT_REROUTE_ROUNDS = 5
 """Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
 >= 99% of what the exact serial greedy places on the trained routing and Zipf routers."""
 TRITON_MAX_EXPERTS = 512

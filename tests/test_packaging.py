@@ -28,3 +28,16 @@ def test_wheel_holds_the_package_and_the_kernels_and_no_tests(tmp_path):
     for extra in ("megatron", "deepspeed", "triton", "wandb", "figures", "dev", "all"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "Requires-Dist: torch\n" in metadata  # unpinned: users bring their own build
+
+
+def test_gpu_check_refuses_clearly_without_a_gpu(tmp_path):
+    """`make gpu-check` needs a python whose torch sees CUDA; without one it says so and exits 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine the check itself runs (make gpu-check)
+    out = subprocess.run(["bash", str(ROOT / "examples" / "benchmarks" / "gpu_check.sh")],
+                         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "x.txt")},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "sees no CUDA device" in out.stderr
+    assert not (tmp_path / "x.txt").exists()

@@ -249,7 +249,7 @@ def test_more_rounds_place_more_and_approach_the_serial_greedy():
     exact_map, _, _ = reference_plan(scores, routing_map, CapacityConfig(1.0, policy="reroute"), exact_reroute=True)
     exact = int((exact_map & ~routing_map).sum())
     placed = [int(plan_routing(scores, routing_map, CapacityConfig(1.0, policy="reroute", reroute_rounds=r)).num_rerouted)
-              for r in (1, 2, 4, 6)]
+              for r in (1, 2, 4, 5)]
     assert placed == sorted(placed) and placed[0] < placed[-1]
     default = plan_routing(scores, routing_map, CapacityConfig(1.0, policy="reroute"))
     assert int(default.num_rerouted) >= 0.99 * exact
