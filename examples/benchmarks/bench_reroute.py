@@ -1,6 +1,6 @@
 """Token Reroute in bounded rounds against the exact serial greedy: placement and perplexity.
 
-    python examples/benchmarks/bench_reroute.py [--batches 4]
+    python examples/benchmarks/bench_reroute.py [--batches 16]
 
 Placement: the share of what the exact serial greedy places (tests/reference.py) that the
 bounded rounds place, by number of rounds, on the trained tiny GPT-MoE's real routing (its four
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -115,7 +116,7 @@ def _planner(dispatcher, exact: bool, capture):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--windows-per-batch", type=int, default=16)
     parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
@@ -130,7 +131,10 @@ def main() -> None:
     rows = [_placement_row(name, scores, routing_map, gamma)
             for name, scores, routing_map in tqdm(workloads, desc="placement", unit="workload", dynamic_ncols=True)
             for gamma in GAMMAS]
-    print(f"Reroute placement: bounded rounds / exact serial greedy (placed assignments); commit {commit}, CPU\n")
+    print(f"Reroute placement: bounded rounds / exact serial greedy (placed assignments)\n"
+          f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"torch {torch.__version__}; commit {commit}; command: python examples/benchmarks/bench_reroute.py "
+          f"--batches {args.batches}\n")
     head = f"{'routing':<18} {'gamma':>5} {'exact':>6} " + " ".join(f"{f'R={r}':>7}" for r in ROUNDS)
     print(head + "\n" + "-" * len(head))
     for name, gamma, exact, shares in rows:
