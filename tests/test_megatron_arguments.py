@@ -82,10 +82,10 @@ def test_parser_without_megatron_arguments():
     assert args.moe_token_dispatcher_type == "capaware" and args.capaware_capacity_factor is None
 
 
-def _run_wrapper(*argv):
+def _run_wrapper(*argv, target=SCRIPT, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "capaware_megatron.megatron.run", SCRIPT, *argv],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "capaware_megatron.megatron.run", *([target] if target else []), *argv],
+        capture_output=True, text=True, timeout=300, cwd=cwd,
     )
 
 
@@ -98,6 +98,18 @@ def test_run_wrapper_on_an_unmodified_script():
     assert result["script_own_flag"] == 3  # the script's own provider still runs
     assert result["capacity"]["capacity_factor"] == 2.0
     assert result["capacity"]["priority"] == "random"
+    assert result["neighbour"] == "found" and result["name"] == "__main__"
+
+
+def test_run_wrapper_runs_a_module_like_python_m(tmp_path):
+    """`-m MODULE` (Megatron's inference server is started that way), from the current folder."""
+    out = _run_wrapper("-m", "fake_pretrain", "--moe-token-dispatcher", "capaware",
+                       "--capaware-capacity-factor", "1.5", target=None, cwd=os.path.dirname(SCRIPT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["capacity"]["capacity_factor"] == 1.5 and result["name"] == "__main__"
+    missing = _run_wrapper(target=str(tmp_path / "no_such_script.py"))
+    assert missing.returncode != 0 and "no such script" in missing.stderr
 
 
 def test_run_wrapper_reports_conflicts():

@@ -81,3 +81,107 @@ def test_conflict_detected_when_building_in_code():
 
     with pytest.raises(ValueError, match="moe_expert_capacity_factor=1.0"):
         capacity_config_of(Config())
+
+
+SMALL = dict(num_layers=2, hidden_size=16, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
+             moe_ffn_hidden_size=24, use_cpu_initialization=True, add_bias_linear=False)
+ALLTOALL_OPTIONS = {  # options Megatron's config checks accept only for "alltoall" (and "flex")
+    "shared-expert overlap": dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_overlap=True),
+    "EP communication overlap": dict(overlap_moe_expert_parallel_comm=True, expert_model_parallel_size=2,
+                                     bf16=True),
+}
+
+
+def _config_outcome(dispatcher, options):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    try:
+        config = TransformerConfig(moe_token_dispatcher_type=dispatcher, **SMALL, **options)
+    except (ValueError, AssertionError) as err:
+        return f"refused: {err}"
+    return f"accepted as {config.moe_token_dispatcher_type}"
+
+
+@pytest.mark.parametrize("name", ALLTOALL_OPTIONS)
+def test_every_alltoall_option_is_a_capaware_option(name):
+    with capaware.installed():
+        alltoall = _config_outcome("alltoall", ALLTOALL_OPTIONS[name])
+        ours = _config_outcome("capaware", ALLTOALL_OPTIONS[name])
+    assert ours == alltoall.replace("accepted as alltoall", "accepted as capaware"), (alltoall, ours)
+    if name == "shared-expert overlap":
+        assert ours == "accepted as capaware"
+
+
+def test_capacity_config_survives_every_config_copy():
+    import copy
+    import dataclasses
+    import pickle
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.megatron.config import capacity_config_of
+
+    cfg = CapacityConfig(1.5, policy="reroute")
+    with capaware.installed():
+        config = TransformerConfig(moe_token_dispatcher_type="capaware", **SMALL)
+        capaware.set_capacity_config(config, cfg)
+        copies = [dataclasses.replace(config, num_layers=4), copy.copy(config), copy.deepcopy(config),
+                  pickle.loads(pickle.dumps(config))]
+    for derived in copies:
+        assert derived.moe_token_dispatcher_type == "capaware"
+        assert capacity_config_of(derived) == cfg
+    with pytest.raises(ValueError, match="needs moe_token_dispatcher_type='capaware', got 'alltoall'"):
+        capaware.set_capacity_config(dataclasses.replace(config, moe_token_dispatcher_type="alltoall"), cfg)
+
+
+def _layer_from_a_replaced_config(rank, world_size):
+    import dataclasses
+
+    import megatron_harness as mh
+    import torch
+
+    from capaware_megatron import CapacityConfig
+
+    layout = mh.Layout(world_size=1)
+    mh.setup(layout)
+    config = mh.transformer_config(layout, "capaware")
+    capaware.set_capacity_config(config, CapacityConfig(0.5))
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=mh.EXPERTS, moe_grouped_gemm=False)
+    layer = spec.submodules.mlp(config=dataclasses.replace(config, moe_ffn_hidden_size=mh.FFN))
+    dispatcher = layer.token_dispatcher
+    hidden = mh.local_input(64, seed=0, requires_grad=False)
+    with torch.no_grad():
+        probs, routing_map = layer.router(hidden)
+        in_training = dispatcher.plan(routing_map, probs)  # a new layer trains: no cap
+        layer.eval()
+        layer(hidden)
+        capped = dispatcher.last_plan
+    return (dispatcher.capacity_config, int(in_training.num_dropped), int(capped.num_dropped),
+            dispatcher.training)
+
+
+def test_layer_from_a_derived_config_caps_and_starts_in_training_mode():
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.multiprocess import run_gloo
+
+    cfg, dropped_in_training, dropped_in_eval, training_after_eval = run_gloo(_layer_from_a_replaced_config, 1)[0]
+    assert cfg == CapacityConfig(0.5)
+    assert dropped_in_training == 0 and dropped_in_eval > 0 and not training_after_eval
+
+
+def test_capacity_with_a_captured_preprocess_step_is_refused():
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import CudaGraphModule
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.megatron.dispatcher import _check_graph_capture
+
+    captured = SimpleNamespace(cuda_graph_modules=[CudaGraphModule.moe_router, CudaGraphModule.moe_preprocess])
+    with pytest.raises(ValueError, match="moe_preprocess, which is not supported with a capaware capacity"):
+        _check_graph_capture(captured, CapacityConfig(1.0))
+    _check_graph_capture(captured, CapacityConfig(None))  # dropless: nothing to size
+    _check_graph_capture(SimpleNamespace(cuda_graph_modules=[CudaGraphModule.moe_router]), CapacityConfig(1.0))

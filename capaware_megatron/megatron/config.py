@@ -7,17 +7,46 @@ from typing import Any, Optional
 from ..config import CapacityConfig
 
 DISPATCHER_TYPE = "capaware"
-ATTRIBUTE = "capaware"
-"""TransformerConfig attribute holding the CapacityConfig of a model built in code."""
+
+
+class CapawareDispatcherType(str):
+    """The string "capaware" carrying a layer's CapacityConfig.
+
+    Stored as the TransformerConfig's moe_token_dispatcher_type, it travels with every config
+    Megatron derives from it (dataclasses.replace, copy, deepcopy, pickle), where an extra
+    attribute on the config would be dropped by replace and leave a layer silently dropless.
+    """
+
+    capacity_config: CapacityConfig
+
+    def __new__(cls, capacity_config: CapacityConfig) -> "CapawareDispatcherType":
+        value = super().__new__(cls, DISPATCHER_TYPE)
+        value.capacity_config = capacity_config
+        return value
+
+    def __reduce__(self):
+        return (CapawareDispatcherType, (self.capacity_config,))
+
+    def __copy__(self) -> "CapawareDispatcherType":
+        return self  # immutable: a frozen CapacityConfig
+
+    def __deepcopy__(self, memo: dict) -> "CapawareDispatcherType":
+        return self
+
 
 _default: Optional[CapacityConfig] = None
 
 
 def set_capacity_config(transformer_config: Any, cfg: CapacityConfig) -> None:
-    """Attach ``cfg`` to a TransformerConfig (models built in code)."""
+    """Give a TransformerConfig with moe_token_dispatcher_type="capaware" its CapacityConfig."""
     if not isinstance(cfg, CapacityConfig):
         raise TypeError(f"expected a CapacityConfig, got {type(cfg).__name__}")
-    setattr(transformer_config, ATTRIBUTE, cfg)
+    dispatcher = getattr(transformer_config, "moe_token_dispatcher_type", None)
+    if dispatcher != DISPATCHER_TYPE:
+        raise ValueError(
+            f"set_capacity_config needs moe_token_dispatcher_type={DISPATCHER_TYPE!r}, got {dispatcher!r}"
+        )
+    transformer_config.moe_token_dispatcher_type = CapawareDispatcherType(cfg)
 
 
 def set_default_capacity_config(cfg: Optional[CapacityConfig]) -> None:
@@ -26,9 +55,13 @@ def set_default_capacity_config(cfg: Optional[CapacityConfig]) -> None:
     _default = cfg
 
 
-def capacity_config_of(transformer_config: Any) -> CapacityConfig:
-    """The layer's CapacityConfig, checked against Megatron's own capacity settings."""
-    cfg = getattr(transformer_config, ATTRIBUTE, None) or _default or CapacityConfig()
+def capacity_config_of(transformer_config: Any, dispatcher_type: Optional[str] = None) -> CapacityConfig:
+    """The layer's CapacityConfig (carried by its dispatcher type, else the CLI default, else
+    dropless), checked against Megatron's own capacity settings."""
+    if dispatcher_type is None:
+        dispatcher_type = getattr(transformer_config, "moe_token_dispatcher_type", None)
+    attached = getattr(dispatcher_type, "capacity_config", None)
+    cfg = attached or _default or CapacityConfig()
     check_megatron_conflicts(transformer_config)
     return cfg
 

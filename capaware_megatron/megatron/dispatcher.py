@@ -36,6 +36,18 @@ _SCORE_FUNCTIONS = {
 }
 
 
+def _check_graph_capture(config: TransformerConfig, cfg: CapacityConfig) -> None:
+    """Megatron's guard for its own capacity drop, applied to ours: the capped preprocess step
+    sizes the permutation from the plan (a device-to-host copy), which a CUDA graph cannot hold."""
+    captured = {getattr(module, "name", module) for module in getattr(config, "cuda_graph_modules", None) or ()}
+    if not cfg.is_dropless and "moe_preprocess" in captured:
+        raise ValueError(
+            "cuda_graph_modules includes moe_preprocess, which is not supported with a capaware "
+            "capacity factor (the capped preprocess step copies token counts to the host); "
+            "capture moe_router only, or run the capaware layer dropless"
+        )
+
+
 class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """All-to-all token dispatcher that caps expert load (arXiv 2503.05066)."""
 
@@ -45,9 +57,13 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         local_expert_indices: List[int],
         config: TransformerConfig,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        dispatcher_type: Optional[str] = None,
     ) -> None:
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
-        self.capacity_config: CapacityConfig = capacity_config_of(config)
+        # The layer's capaware type carries its CapacityConfig (MoELayer builds this dispatcher
+        # while the config reads "alltoall").
+        self.capacity_config: CapacityConfig = capacity_config_of(config, dispatcher_type)
+        _check_graph_capture(config, self.capacity_config)
         if config.moe_router_score_function not in _SCORE_FUNCTIONS:
             raise ValueError(
                 f"moe_router_score_function={config.moe_router_score_function!r} is not supported "

@@ -4,7 +4,8 @@ Megatron-Core has no dispatcher registry: MoELayer.__init__ picks the dispatcher
 if/elif over the type string. install() wraps MoELayer.__init__ so that, for type "capaware", the
 stock constructor runs as for "alltoall" with CapacityAwareTokenDispatcher in place of
 MoEAlltoAllTokenDispatcher (everything else, shared-expert overlap included, is stock), then
-hands the router's logits to the dispatcher. Every replaced symbol is recorded once and carries
+hands the router's logits to the dispatcher. It also wraps TransformerConfig.__post_init__ so
+that Megatron's checks treat "capaware" as the "alltoall" dispatcher it is. Every replaced symbol is recorded once and carries
 ``__wrapped__``; uninstall() restores them. Idempotent.
 """
 
@@ -34,8 +35,10 @@ def install() -> None:
         return
     require_megatron_core()
     from megatron.core.transformer.moe import moe_layer
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
     _replace(moe_layer.MoELayer, "__init__", _wrap_moe_layer_init(moe_layer.MoELayer.__init__))
+    _replace(TransformerConfig, "__post_init__", _wrap_config_post_init(TransformerConfig.__post_init__))
     logger.info("capaware: MoELayer builds CapacityAwareTokenDispatcher for type %r", DISPATCHER_TYPE)
 
 
@@ -84,9 +87,40 @@ class _RouterLogitsTap:
         return type(self.router).routing(self.router, logits, *args, **kwargs)
 
 
+@contextlib.contextmanager
+def _as_alltoall(config: Any) -> Iterator[Any]:
+    """Present the config as type "alltoall" (Megatron's code tests that string) for a block;
+    yields, and then restores, the capaware type it had (which carries the CapacityConfig)."""
+    dispatcher_type = config.moe_token_dispatcher_type
+    config.moe_token_dispatcher_type = "alltoall"
+    try:
+        yield dispatcher_type
+    finally:
+        config.moe_token_dispatcher_type = dispatcher_type
+
+
+def _bind_type(dispatcher_class: Any, dispatcher_type: Any) -> Any:
+    """The dispatcher constructor MoELayer calls, told the layer's capaware type."""
+    return functools.partial(dispatcher_class, dispatcher_type=dispatcher_type)
+
+
 def _sync_dispatcher_mode(layer: Any, _args: Any) -> None:
     """Forward pre-hook: the dispatcher (no nn.Module) follows the layer's train/eval mode."""
     layer.token_dispatcher.training = layer.training
+
+
+def _wrap_config_post_init(original_post_init):
+    """TransformerConfig's checks accept every option valid for "alltoall" for "capaware" too
+    (shared-expert overlap, EP communication overlap, ...): capaware is that dispatcher."""
+
+    @functools.wraps(original_post_init)
+    def __post_init__(self):
+        if getattr(self, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
+            return original_post_init(self)
+        with _as_alltoall(self):
+            return original_post_init(self)
+
+    return __post_init__
 
 
 def _wrap_moe_layer_init(original_init):
@@ -101,15 +135,16 @@ def _wrap_moe_layer_init(original_init):
 
         check_megatron_conflicts(config)
         stock_class = moe_layer.MoEAlltoAllTokenDispatcher
-        # The stock constructor's "alltoall" branch, building our subclass; restored at once.
-        config.moe_token_dispatcher_type = "alltoall"
-        moe_layer.MoEAlltoAllTokenDispatcher = CapacityAwareTokenDispatcher
-        try:
-            original_init(self, config, *args, **kwargs)
-        finally:
-            config.moe_token_dispatcher_type = DISPATCHER_TYPE
-            moe_layer.MoEAlltoAllTokenDispatcher = stock_class
+        # The stock constructor's "alltoall" branch, building our subclass; restored at once
+        # (the dispatcher reads its CapacityConfig from the type it was built with).
+        with _as_alltoall(config) as dispatcher_type:
+            moe_layer.MoEAlltoAllTokenDispatcher = _bind_type(CapacityAwareTokenDispatcher, dispatcher_type)
+            try:
+                original_init(self, config, *args, **kwargs)
+            finally:
+                moe_layer.MoEAlltoAllTokenDispatcher = stock_class
         self.router.routing = _RouterLogitsTap(self.router, self.token_dispatcher)
+        self.token_dispatcher.training = self.training  # a new layer trains until .eval()
         self.register_forward_pre_hook(_sync_dispatcher_mode)
 
     return __init__

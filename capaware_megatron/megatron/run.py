@@ -2,7 +2,12 @@
 
     python -m capaware_megatron.megatron.run pretrain_gpt.py --moe-token-dispatcher capaware \
         --capaware-capacity-factor 1.5 ...
-    torchrun --nproc-per-node 8 -m capaware_megatron.megatron.run pretrain_gpt.py ...
+    torchrun --nproc-per-node 8 -m capaware_megatron.megatron.run /path/to/Megatron-LM/pretrain_gpt.py ...
+    python -m capaware_megatron.megatron.run -m examples.inference.launch_inference_server ...
+
+Like ``python SCRIPT`` the script's own folder goes first on sys.path (Megatron-LM's scripts
+import their neighbours, e.g. gpt_builders); like ``python -m MODULE`` a module runs from the
+current directory.
 
 It installs the plugin, adds the --capaware-* arguments to whatever extra_args_provider the script
 passes to megatron.training, makes the parsed CapacityConfig the default of every capaware MoE
@@ -12,6 +17,7 @@ layer, then runs the script as __main__.
 from __future__ import annotations
 
 import functools
+import os
 import runpy
 import sys
 from typing import Optional, Sequence
@@ -46,11 +52,22 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    script, script_args = argv[0], argv[1:]
+    as_module = argv[0] == "-m"
+    if as_module and len(argv) < 2:
+        raise SystemExit("capaware_megatron.megatron.run: -m needs a module name")
+    target, target_args = (argv[1], argv[2:]) if as_module else (argv[0], argv[1:])
+    if not as_module and not os.path.isfile(target):
+        raise SystemExit(f"capaware_megatron.megatron.run: no such script: {target}")
     install()
     install_training_hooks()
-    sys.argv = [script, *script_args]
-    runpy.run_path(script, run_name="__main__")
+    if as_module:
+        sys.argv = [target, *target_args]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [target, *target_args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        runpy.run_path(target, run_name="__main__")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import json
 import sys
 
 from megatron.training.arguments import parse_args
+from script_neighbour import NEIGHBOUR  # found only with the script's folder on sys.path
 
 
 def add_script_args(parser):
@@ -19,6 +20,8 @@ if __name__ == "__main__":
         {
             "dispatcher": args.moe_token_dispatcher_type,
             "script_own_flag": args.script_own_flag,
+            "neighbour": NEIGHBOUR,
+            "name": __name__,
             "capacity": None if config._default is None else config._default.__dict__,
         },
         sys.stdout,
