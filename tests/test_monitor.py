@@ -174,7 +174,7 @@ def _megatron_monitored(rank, world_size, tmp):
     import megatron_harness as mh
 
     from capaware_megatron import CapacityConfig
-    from capaware_megatron.monitor import attach_megatron
+    from capaware_megatron.megatron import attach_megatron
 
     layout = mh.Layout(ep=2, world_size=2)
     mh.setup(layout)
@@ -205,7 +205,7 @@ def _deepspeed_monitored(rank, world_size, tmp):
     import deepspeed_harness as dh
 
     from capaware_megatron.deepspeed import apply
-    from capaware_megatron.monitor import attach_deepspeed
+    from capaware_megatron.deepspeed import attach_deepspeed
 
     dh.setup()
     layers = torch.nn.ModuleList([dh.moe_layer(2, 2), dh.moe_layer(2, 2)]).eval()
@@ -236,33 +236,56 @@ def _training_loop_hooks(rank, world_size):
     from capaware_megatron import CapacityConfig
     from capaware_megatron.megatron import uninstall
     from capaware_megatron.megatron._compat import patch_typing_override
-    from capaware_megatron.megatron.training_hooks import install_monitor_hooks
+    from capaware_megatron.megatron.monitoring import configure_monitor, install_monitor_hooks
 
-    layout = mh.Layout(world_size=1)
+    layout = mh.Layout(world_size=world_size)
     mh.setup(layout)
     patch_typing_override()
-    from megatron.training import training
+    from megatron.training import global_vars, training
 
-    layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0, apply_in_training=True))
+    layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0))  # capped in eval only
+    x = mh.local_input(64, seed=rank, requires_grad=False)
+
+    def evaluate_and_print_results(prefix, forward_step, data, model, iteration, *rest, **kw):
+        layer.eval()
+        layer(x)
+        layer.train()
+
     # Stand-ins for Megatron-LM's loop pieces: the hooks wrap whatever the module holds.
-    training.setup_model_and_optimizer = lambda *a, **kw: ([layer], None, None)
-    training.train_step = lambda *a, **kw: layer(mh.local_input(16, seed=len(kw)))
-    args = argparse.Namespace(capaware_log_interval=2, capaware_log_per_expert=False, num_layers=1,
-                              num_experts=mh.EXPERTS, expert_model_parallel_size=1, curr_iteration=7)
-    install_monitor_hooks(args)
+    training.get_model = lambda *a, **kw: [layer]
+    training.train_step = lambda *a, **kw: layer(x)
+    training.evaluate_and_print_results = evaluate_and_print_results
+    writer = _Writer()  # Megatron's writers live on the last rank
+    global_vars._GLOBAL_TENSORBOARD_WRITER = writer if rank == world_size - 1 else None
+    global_vars._GLOBAL_WANDB_WRITER = None
+    install_monitor_hooks()
+    parsed = [argparse.Namespace(capaware_log_interval=interval, capaware_log_per_expert=False, num_layers=1,
+                                 num_experts=mh.EXPERTS, expert_model_parallel_size=1) for interval in (0, 1)]
+    for args in parsed:  # Megatron parses more than once: the last parse counts
+        configure_monitor(args)
     out = io.StringIO()
-    with redirect_stdout(out):
-        model, _, _ = training.setup_model_and_optimizer()
-        for _ in range(4):
-            training.train_step()
+    with redirect_stdout(out), torch.no_grad():
+        model = training.get_model()
+        for iteration in (3, 4):  # resumed after iteration 3: Megatron logs 4 and 5
+            training.train_step(iteration=iteration)
+        training.evaluate_and_print_results("valid", None, None, model, 5, None, None)
+        layer.eval()
+        for _ in range(2):  # an inference script: forward passes, no train_step
+            layer(x)
     uninstall()
-    return out.getvalue()
+    return out.getvalue(), {key: value for key, value in writer.scalars.items()}
 
 
-def test_megatron_training_loop_hooks():
-    printed = run_gloo(_training_loop_hooks, 1)[0]
-    assert printed.count("[capaware] step 7") == 2  # steps 2 and 4 report, at Megatron's iteration
-    assert "dropped" in printed
+def test_megatron_loop_hooks_report_each_phase_apart_from_the_writer_rank():
+    (quiet, first), (printed, last) = run_gloo(_training_loop_hooks, 2)
+    assert first == {} and quiet == "", "the last rank, which holds Megatron's writers, reports"
+    steps = lambda prefix: sorted({step for (name, step) in last if name == f"{prefix}/dropped_fraction"})  # noqa: E731
+    assert steps("capaware") == [4, 5]  # Megatron's own iterations after the resume
+    assert steps("capaware/eval") == [5] and steps("capaware/inference") == [1, 2]
+    assert last[("capaware/dropped_fraction", 5)] == 0  # dropless training, even after an evaluation
+    assert last[("capaware/eval/dropped_fraction", 5)] > 0
+    assert last[("capaware/inference/layer_0/dropped_fraction", 2)] > 0
+    assert "[capaware/eval] step 5" in printed and "[capaware] step 4" in printed
 
 
 class _Writer:

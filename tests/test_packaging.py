@@ -1,6 +1,7 @@
 """The package builds from pyproject.toml: a wheel with the package and the kernels, no tests."""
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_holds_the_package_and_the_kernels_and_no_tests(tmp_path):
+    # Built from a copy: setuptools' build/ folder in the tree would keep files deleted since.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "out", "*.egg-info",
+                                                                "__pycache__", "checkpoint"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                          "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = tmp_path.glob("capaware_megatron-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -13,6 +13,7 @@ __all__ = [
     "CapacityAwareGate",
     "CapacityAwareSection",
     "apply",
+    "attach_deepspeed",
     "parse_section",
     "tracker_from_ds_config",
 ]
@@ -45,6 +46,16 @@ def tracker_from_ds_config(model_or_engine, ds_config, **wandb_init):
 
 
 tracker_from_ds_config.__doc__ = "A LoadTracker from the config's capacity_aware.log (see monitoring)."
+
+
+def attach_deepspeed(model_or_engine, tracker) -> int:
+    _require_deepspeed()
+    from .monitoring import attach_deepspeed as _attach
+
+    return _attach(model_or_engine, tracker)
+
+
+attach_deepspeed.__doc__ = "Record every CapacityAwareGate's plans in a LoadTracker (see monitoring)."
 
 
 def __getattr__(name: str):

@@ -13,7 +13,6 @@ from ..monitor import (
     LoadTracker,
     TensorBoardSink,
     WandbSink,
-    attach_deepspeed,
 )
 from .config import DsConfig, parse_section
 
@@ -55,3 +54,15 @@ def tracker_from_ds_config(model_or_engine: Any, ds_config: DsConfig, **wandb_in
     )
     attach_deepspeed(model_or_engine, tracker)
     return tracker
+
+
+def attach_deepspeed(model_or_engine: Any, tracker: Any) -> int:
+    """Record every CapacityAwareGate's plans in `tracker` (anything with ``record(layer,
+    plan)``), layers numbered in module order. Returns the number of gates attached."""
+    from .gate import CapacityAwareGate
+
+    module = getattr(model_or_engine, "module", model_or_engine)  # a DeepSpeedEngine wraps .module
+    gates = [m for m in module.modules() if isinstance(m, CapacityAwareGate)]
+    for layer, gate in enumerate(gates):
+        gate.plan_observers.append(lambda _g, plan, layer=layer: tracker.record(layer, plan))
+    return len(gates)

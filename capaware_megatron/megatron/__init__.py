@@ -15,6 +15,7 @@ from .install import install, installed, is_installed, uninstall
 
 __all__ = [
     "CapacityAwareTokenDispatcher",
+    "attach_megatron",
     "DISPATCHER_TYPE",
     "add_capaware_args",
     "capacity_config_from_args",
@@ -29,6 +30,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "attach_megatron":
+        from .monitoring import attach_megatron
+
+        return attach_megatron
     if name == "CapacityAwareTokenDispatcher":
         from ._compat import require_megatron_core
 

@@ -26,11 +26,12 @@ from ._compat import patch_typing_override
 from .arguments import add_capaware_args, compose_args_providers, validate_capaware_args
 from .config import set_default_capacity_config
 from .install import _replace, install
-from .training_hooks import install_monitor_hooks
+from .monitoring import configure_monitor, install_monitor_hooks
 
 
 def install_training_hooks() -> None:
-    """Wrap megatron.training.arguments.parse_args: our arguments in, our config out."""
+    """Wrap megatron.training.arguments.parse_args (our arguments in, our config out) and the
+    loop functions the load monitor hooks into, before the script imports any of them."""
     patch_typing_override()
     from megatron.training import arguments
 
@@ -41,10 +42,11 @@ def install_training_hooks() -> None:
         provider = compose_args_providers(extra_args_provider, add_capaware_args)
         args = original(provider, ignore_unknown_args)
         set_default_capacity_config(validate_capaware_args(args))
-        install_monitor_hooks(args)
+        configure_monitor(args)
         return args
 
     _replace(arguments, "parse_args", parse_args)
+    install_monitor_hooks()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -2,13 +2,12 @@
 
     tracker = LoadTracker(num_layers, num_experts, expert_to_rank, interval=10,
                           sinks=[ConsoleSink(), WandbSink(project="moe", mode="offline")])
-    attach_megatron(model, tracker)      # or attach_deepspeed(engine, tracker)
+    capaware_megatron.megatron.attach_megatron(model, tracker)   # or ...deepspeed.attach_deepspeed
     ... each training / inference step: tracker.step(iteration)
 
 wandb and tensorboard are imported only when a sink first writes.
 """
 
-from .attach import attach_deepspeed, attach_megatron
 from .sinks import (
     ConsoleSink,
     DeepSpeedMonitorSink,
@@ -26,7 +25,5 @@ __all__ = [
     "LoadTracker",
     "TensorBoardSink",
     "WandbSink",
-    "attach_deepspeed",
-    "attach_megatron",
     "megatron_sinks",
 ]

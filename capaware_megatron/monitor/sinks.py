@@ -1,7 +1,8 @@
 """Where load statistics go: console, JSON lines, W&B, TensorBoard, DeepSpeed's monitor.
 
-Every sink has ``log(metrics, step, loads)``: scalar metrics keyed ``capaware/...``, the step,
-and (when per-expert logging is on) ``loads = {"before": [L, E], "after": [L, E]}``.
+Every sink has ``log(metrics, step, loads)``: scalar metrics keyed ``<prefix>/...`` (the
+tracker's prefix: ``capaware``, ``capaware/eval``, ...), the step, and (when per-expert logging is
+on) ``loads = {"before": [L, E], "after": [L, E]}``.
 A sink that fails (W&B not installed, offline, bad key, network down) warns once and goes quiet:
 monitoring never stops a job.
 """
@@ -41,11 +42,13 @@ class ConsoleSink:
         self.stream = stream
 
     def log(self, metrics: Mapping[str, float], step: int, loads: Loads = None) -> None:
+        prefix = metrics_prefix(metrics)
+
         def get(name: str) -> float:
-            return metrics.get(f"capaware/{name}", float("nan"))
+            return metrics.get(f"{prefix}/{name}", float("nan"))
 
         print(
-            f"[capaware] step {step}: straggler {get('straggler_expert_before'):.2f} -> "
+            f"[{prefix}] step {step}: straggler {get('straggler_expert_before'):.2f} -> "
             f"{get('straggler_expert_after'):.2f} per expert, {get('straggler_rank_before'):.2f} -> "
             f"{get('straggler_rank_after'):.2f} per rank; dropped {100 * get('dropped_fraction'):.1f}%, "
             f"rerouted {100 * get('rerouted_fraction'):.1f}%; projected layer speedup "
@@ -98,7 +101,7 @@ class WandbSink(_FailSoft):
         self.title = title
         self.history = history
         self.init_kwargs = init_kwargs
-        self._per_layer: list[tuple[int, dict[str, dict[int, float]]]] = []
+        self._per_layer: dict[str, list[tuple[int, dict[str, dict[int, float]]]]] = {}  # by prefix
 
     def bind(self, tracker: Any) -> None:
         """Called by the LoadTracker that owns this sink: learn its experts' EP ranks."""
@@ -119,51 +122,53 @@ class WandbSink(_FailSoft):
             run = self._run()
             payload: dict[str, Any] = {}
             per_layer: dict[str, dict[int, float]] = {}
+            prefix = metrics_prefix(metrics)
             for key, value in metrics.items():
-                layer, metric = _split_layer_key(key)
+                layer, metric = _split_layer_key(key, prefix)
                 if layer is None:
                     payload[key] = value
                 else:
-                    payload[f"capaware_layers/layer_{layer}/{metric}"] = value
+                    payload[_section(prefix, "layers", f"layer_{layer}/{metric}")] = value
                     per_layer.setdefault(metric, {})[layer] = value
             if per_layer:
-                self._per_layer = [*self._per_layer, (step, per_layer)][-self.history :]
-                payload.update(self._layer_charts())
+                history = [*self._per_layer.get(prefix, []), (step, per_layer)][-self.history :]
+                self._per_layer[prefix] = history
+                payload.update(self._layer_charts(prefix, history))
             if loads:
-                payload.update(self._per_expert(loads))
+                payload.update(self._per_expert(loads, prefix))
             run.log(payload, step=step)
         except Exception as err:  # noqa: BLE001 - any W&B failure must not stop the job
             self._fail("W&B logging", err)
 
-    def _layer_charts(self) -> dict[str, Any]:
+    @staticmethod
+    def _layer_charts(prefix: str, history: list) -> dict[str, Any]:
         import wandb
 
         charts = {}
-        steps = [step for step, _ in self._per_layer]
-        for metric, layers in self._per_layer[-1][1].items():
+        steps = [step for step, _ in history]
+        for metric, layers in history[-1][1].items():
             lines = sorted(layers)
-            ys = [[report.get(metric, {}).get(layer, float("nan")) for _, report in self._per_layer]
+            ys = [[report.get(metric, {}).get(layer, float("nan")) for _, report in history]
                   for layer in lines]
-            charts[f"capaware_by_layer/{metric}"] = wandb.plot.line_series(
+            charts[_section(prefix, "by_layer", metric)] = wandb.plot.line_series(
                 xs=steps, ys=ys, keys=[f"layer {layer}" for layer in lines], title=metric, xname="step")
         return charts
 
-    def _per_expert(self, loads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    def _per_expert(self, loads: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
         import wandb
 
         out: dict[str, Any] = {}
         for layer, (before, after) in enumerate(zip(loads["before"], loads["after"])):
-            out[f"capaware_experts/layer_{layer}/tokens_per_expert_before"] = wandb.Histogram(
-                np_histogram=_bars(before))
-            out[f"capaware_experts/layer_{layer}/tokens_per_expert_after"] = wandb.Histogram(
-                np_histogram=_bars(after))
+            for stage, load in (("before", before), ("after", after)):
+                key = _section(prefix, "experts", f"layer_{layer}/tokens_per_expert_{stage}")
+                out[key] = wandb.Histogram(np_histogram=_bars(load))
         try:
             from .. import figures
 
             figure = figures.load_heatmap(loads["before"], loads["after"], self.expert_to_rank, self.title)
         except ImportError:
             return out  # no matplotlib: histograms only
-        out["capaware_experts/load_heatmap"] = wandb.Image(
+        out[_section(prefix, "experts", "load_heatmap")] = wandb.Image(
             figures.to_rgb(figure), caption="tokens per expert / mean, layers x experts: before | after the plan")
         return out
 
@@ -175,12 +180,30 @@ class WandbSink(_FailSoft):
                 self._fail("W&B finish", err)
 
 
-def _split_layer_key(key: str) -> tuple[Optional[int], str]:
-    """"capaware/layer_3/capacity" -> (3, "capacity"); other keys -> (None, key)."""
-    parts = key.split("/")
-    if len(parts) == 3 and parts[0] == "capaware" and parts[1].startswith("layer_") and parts[1][6:].isdigit():
-        return int(parts[1][6:]), parts[2]
+def metrics_prefix(metrics: Mapping[str, float]) -> str:
+    """The tracker prefix of a report ("capaware", "capaware/eval", ...): the part before the
+    layer-averaged straggler key."""
+    for key in metrics:
+        if key.endswith("/straggler_expert_before") and "/layer_" not in key:
+            return key[: -len("/straggler_expert_before")]
+    return "capaware"
+
+
+def _split_layer_key(key: str, prefix: str) -> tuple[Optional[int], str]:
+    """"<prefix>/layer_3/capacity" -> (3, "capacity"); other keys -> (None, key)."""
+    head = f"{prefix}/layer_"
+    if key.startswith(head):
+        number, _, metric = key[len(head):].partition("/")
+        if number.isdigit() and metric:
+            return int(number), metric
     return None, key
+
+
+def _section(prefix: str, view: str, rest: str) -> str:
+    """W&B key of a view: "capaware" -> "capaware_<view>/<rest>", "capaware/eval" ->
+    "capaware_<view>/eval/<rest>" (W&B's panel section is the first segment)."""
+    first, _, more = prefix.partition("/")
+    return "/".join(part for part in (f"{first}_{view}", more, rest) if part)
 
 
 def _bars(load: torch.Tensor):
@@ -204,11 +227,12 @@ class TensorBoardSink(_FailSoft):
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(log_dir=self.log_dir)
+            prefix = metrics_prefix(metrics)
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
             for stage, table in (loads or {}).items():
                 for layer, load in enumerate(table):
-                    self.writer.add_histogram(f"capaware/layer_{layer}/tokens_per_expert_{stage}", load, step)
+                    self.writer.add_histogram(f"{prefix}/layer_{layer}/tokens_per_expert_{stage}", load, step)
         except Exception as err:  # noqa: BLE001
             self._fail("TensorBoard logging", err)
 

@@ -48,6 +48,7 @@ class LoadTracker:
         per_expert: also hand per-expert loads (layer x expert) to the sinks.
         device: where counts accumulate (default: the current CUDA device, else CPU); the
             same kind on every rank, as the collective needs.
+        prefix: the metrics' key prefix ("capaware"; e.g. "capaware/eval" for evaluation).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class LoadTracker:
         log_rank: int = 0,
         per_expert: bool = False,
         device: Any = None,
+        prefix: str = "capaware",
     ) -> None:
         if num_layers < 1 or num_experts < 1:
             raise ValueError(f"num_layers and num_experts must be >= 1, got {num_layers}, {num_experts}")
@@ -79,6 +81,7 @@ class LoadTracker:
         self.group = group
         self.log_rank = log_rank
         self.per_expert = per_expert
+        self.prefix = prefix
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -162,16 +165,16 @@ class LoadTracker:
                 continue
             layer_metrics = self._layer_metrics(rows)
             for name, value in layer_metrics.items():
-                metrics[f"capaware/layer_{layer}/{name}"] = value
+                metrics[f"{self.prefix}/layer_{layer}/{name}"] = value
                 per_layer.setdefault(name, []).append(value)
             load_before.append(rows[:, :num_experts].mean(0))
             load_after.append(rows[:, num_experts : 2 * num_experts].mean(0))
             totals += rows[:, 2 * num_experts :].sum(0)
         for name, values in per_layer.items():
-            metrics[f"capaware/{name}"] = sum(values) / len(values)
+            metrics[f"{self.prefix}/{name}"] = sum(values) / len(values)
         if totals[_ROUTED] > 0:  # model-wide fractions weigh layers by their assignments
-            metrics["capaware/dropped_fraction"] = float(totals[_DROPPED] / totals[_ROUTED])
-            metrics["capaware/rerouted_fraction"] = float(totals[_REROUTED] / totals[_ROUTED])
+            metrics[f"{self.prefix}/dropped_fraction"] = float(totals[_DROPPED] / totals[_ROUTED])
+            metrics[f"{self.prefix}/rerouted_fraction"] = float(totals[_REROUTED] / totals[_ROUTED])
         loads = {}
         if load_before:
             loads = {"before": torch.stack(load_before), "after": torch.stack(load_after)}

@@ -78,8 +78,8 @@ class _Routed:
 def _rank_main(rank: int, world_size: int, batches: int, windows_per_batch: int):
     from megatron.core import parallel_state
 
-    from capaware_megatron.megatron import cpu_shims, install
-    from capaware_megatron.monitor import LoadTracker, attach_megatron
+    from capaware_megatron.megatron import attach_megatron, cpu_shims, install
+    from capaware_megatron.monitor import LoadTracker
 
     cpu_shims.apply()
     install()

@@ -1,0 +1,170 @@
+"""Load monitoring inside Megatron-LM's loops (the run wrapper installs it).
+
+With --capaware-log-interval N > 0 every capaware layer of the model that
+``megatron.training.get_model`` builds (training, evaluation and the inference scripts all build
+through it) reports to three LoadTrackers, one per phase, so no phase's plans leak into
+another's report:
+- training: every N train_step calls, at Megatron's own iteration (the one it logs, also after a
+  resume), keys ``capaware/...``;
+- evaluation: once per evaluation pass (evaluate_and_print_results, --skip-train too), at that
+  iteration, keys ``capaware/eval/...``;
+- inference: every N forward passes outside those two (the text-generation scripts), keys
+  ``capaware/inference/...``.
+Reports go through Megatron-LM's own TensorBoard / W&B writers, which live on the last rank, and
+the console.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..monitor import ConsoleSink, LoadTracker, megatron_sinks
+from .install import _replace
+
+PHASES = {"train": "capaware", "eval": "capaware/eval", "inference": "capaware/inference"}
+
+
+def attach_megatron(models: Any, tracker: Any) -> int:
+    """Record every capaware MoELayer's plans in `tracker` (anything with ``record(layer, plan)``)
+    under its global layer index (layer_number - 1; layers built outside a model have none and
+    are numbered in module order). Returns the number of layers attached (a pipeline stage sees
+    only its own)."""
+    from .dispatcher import CapacityAwareTokenDispatcher
+
+    count = 0
+    for module in _modules(models):
+        dispatcher = getattr(module, "token_dispatcher", None)
+        if isinstance(dispatcher, CapacityAwareTokenDispatcher):
+            number = getattr(module, "layer_number", None)
+            layer = count if number is None else number - 1
+            dispatcher.plan_observers.append(lambda _d, plan, layer=layer: tracker.record(layer, plan))
+            count += 1
+    return count
+
+
+def _modules(models: Any) -> Iterable[torch.nn.Module]:
+    """Modules of a model or of a list of model chunks (DDP-wrapped or not)."""
+    chunks = models if isinstance(models, (list, tuple)) else [models]
+    for chunk in chunks:
+        yield from getattr(chunk, "module", chunk).modules()
+
+
+class PhaseMonitor:
+    """One LoadTracker per phase; plans go to the tracker of the phase running now."""
+
+    def __init__(self, trackers: dict[str, LoadTracker]) -> None:
+        self.trackers = trackers
+        self.phase = "inference"  # until a train_step or an evaluation pass runs
+        self.forward_passes = 0
+
+    def record(self, layer: int, plan: Any) -> None:
+        self.trackers[self.phase].record(layer, plan)
+
+    def after_forward(self, *_: Any) -> None:
+        """Forward hook of the model's first chunk: outside training and evaluation each pass
+        is an inference step."""
+        if self.phase == "inference":
+            self.forward_passes += 1
+            self.trackers["inference"].step(self.forward_passes)
+
+
+def tracker_from_args(args: Any) -> Optional[PhaseMonitor]:
+    """The PhaseMonitor configured by --capaware-log-interval / --capaware-log-per-expert."""
+    interval = getattr(args, "capaware_log_interval", 0)
+    if not interval:
+        return None
+    num_experts = args.num_experts
+    per_rank = num_experts // args.expert_model_parallel_size
+    # Megatron-LM's TensorBoard and W&B writers exist on the last rank only.
+    log_rank = dist.get_world_size() - 1 if dist.is_available() and dist.is_initialized() else 0
+    sinks = [*megatron_sinks(), ConsoleSink()]
+    return PhaseMonitor({
+        phase: LoadTracker(
+            num_layers=args.num_layers, num_experts=num_experts,
+            expert_to_rank=torch.arange(num_experts) // per_rank,
+            interval=0 if phase == "eval" else interval, sinks=sinks, log_rank=log_rank,
+            per_expert=args.capaware_log_per_expert, prefix=prefix,
+        )
+        for phase, prefix in PHASES.items()
+    })
+
+
+_state: dict[str, Any] = {}  # "args": the parsed arguments; "monitor": the PhaseMonitor
+
+
+def configure_monitor(args: Any) -> None:
+    """Called with Megatron's parsed arguments (every parse: the last one wins)."""
+    _state["args"] = args
+
+
+@contextlib.contextmanager
+def _in_phase(phase: str) -> Iterator[Optional[PhaseMonitor]]:
+    """Route plans to `phase`'s tracker for a block; yields the monitor (None: not monitoring)."""
+    monitor = _state.get("monitor")
+    if monitor is None:
+        yield None
+        return
+    monitor.phase = phase
+    try:
+        yield monitor
+    finally:
+        monitor.phase = "inference"
+
+
+def install_monitor_hooks() -> None:
+    """Wrap get_model, train_step and evaluate_and_print_results of megatron.training before the
+    script imports them; they act only once --capaware-log-interval is parsed."""
+    import megatron.training
+    from megatron.training import training
+
+    get_model = training.get_model
+
+    @functools.wraps(get_model)
+    def build(*args: Any, **kwargs: Any):
+        model = get_model(*args, **kwargs)
+        monitor = tracker_from_args(_state.get("args"))
+        if monitor is not None:
+            attach_megatron(model, monitor)
+            first = model[0] if isinstance(model, (list, tuple)) else model
+            first.register_forward_hook(monitor.after_forward)
+            _state["monitor"] = monitor
+        return model
+
+    _replace(training, "get_model", build)
+    _replace(megatron.training, "get_model", build)
+    _replace(training, "train_step", _in_phase_then(training.train_step, "train", _report_training))
+    _replace(training, "evaluate_and_print_results",
+             _in_phase_then(training.evaluate_and_print_results, "eval", _report_evaluation))
+
+
+def _in_phase_then(function: Any, phase: str, report: Any) -> Any:
+    """`function` running in `phase`, then `report(monitor, args, kwargs)` when monitoring."""
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any):
+        with _in_phase(phase) as monitor:
+            out = function(*args, **kwargs)
+        if monitor is not None:
+            report(monitor, args, kwargs)
+        return out
+
+    return wrapped
+
+
+def _report_training(monitor: PhaseMonitor, args: tuple, kwargs: dict) -> None:
+    """After train_step: Megatron logs the iteration it passed in, plus one."""
+    iteration = kwargs.get("iteration")
+    monitor.trackers["train"].step(None if iteration is None else iteration + 1)
+
+
+def _report_evaluation(monitor: PhaseMonitor, args: tuple, kwargs: dict) -> None:
+    """After evaluate_and_print_results(prefix, forward_step, data, model, iteration, ...): the
+    whole pass is one step of the evaluation tracker (interval 0), reported once."""
+    iteration = kwargs.get("iteration", args[4] if len(args) > 4 else None)
+    monitor.trackers["eval"].step(iteration)
+    monitor.trackers["eval"].flush(iteration)
