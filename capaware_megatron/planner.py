@@ -144,7 +144,8 @@ def plan_routing(
     if global_group is None:
         thresholds = ops.bin_thresholds(state, bins.experts, capacity)
     else:
-        thresholds = _group_thresholds(ops.bin_top_keys(state, bins.experts, capacity), global_group)
+        top = torch_ops.group_top_keys(ops.bin_top_keys(state, bins.experts, capacity), global_group)
+        thresholds = top[:, capacity - 1]
     new_map, new_probs, tokens_after = ops.drop_below(state, thresholds, bins.expert_to_bin, keep, weights)
     if cfg.policy == "expanded":
         num_rerouted = (new_map & ~routing_map).sum(dtype=torch.int64)
@@ -229,17 +230,6 @@ def _renormalize(new_probs: torch.Tensor, old_probs: torch.Tensor) -> torch.Tens
     new_sum = new_probs.float().sum(1, keepdim=True)
     scale = torch.where(new_sum > 0, old_sum / new_sum.clamp_min(torch.finfo(torch.float32).tiny), 0)
     return (new_probs.float() * scale).to(new_probs.dtype)
-
-
-def _group_thresholds(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
-    """bin_thresholds over the whole group from every rank's [B, C] top keys: one gather.
-
-    The group-wide top-C of a bin lies within the union of every rank's own top-C.
-    """
-    num_bins, capacity = top.shape
-    gathered = group.all_gather(top)  # [W, B, C]
-    merged = gathered.permute(1, 0, 2).reshape(num_bins, -1)
-    return torch_ops.top_keys(merged, capacity)[:, capacity - 1]
 
 
 def _ops_for(backend: str, scores: torch.Tensor) -> ModuleType:

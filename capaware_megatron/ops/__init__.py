@@ -8,6 +8,7 @@ from .routing_plan import (
     bin_top_keys,
     collect_candidates,
     drop_below,
+    group_top_keys,
     router_or_score,
     top_keys,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "bin_top_keys",
     "collect_candidates",
     "drop_below",
+    "group_top_keys",
     "reroute",
     "router_or_score",
     "top_keys",

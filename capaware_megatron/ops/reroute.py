@@ -22,7 +22,7 @@ import torch
 
 from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, assignment_keys
-from .routing_plan import bin_major, top_keys
+from .routing_plan import bin_major, group_top_keys, top_keys
 
 @dataclass(frozen=True)
 class Bins:
@@ -128,9 +128,8 @@ def _accept(
 ) -> torch.Tensor:
     """[T, E] bool: the proposals each bin accepts, its `room` largest keys (room <= capacity)."""
     top = top_keys(bin_major(keys, bin_experts), capacity)  # [B, C] descending
-    if group is not None:  # the group's largest proposals lie within every rank's own top-C
-        merged = group.all_gather(top).permute(1, 0, 2).reshape(bins.num_bins, -1)
-        top = top_keys(merged, capacity)
+    if group is not None:
+        top = group_top_keys(top, group)
     threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
     has_room = (room > 0)[bins.expert_to_bin]
     return (keys >= threshold[bins.expert_to_bin]) & (keys != NOT_ROUTED) & has_room

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, assignment_keys
 
 
@@ -69,6 +70,16 @@ def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int)
 def bin_top_keys(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
     """[B, C] int64: each bin's largest keys, padded with NOT_ROUTED."""
     return top_keys(bin_major(keys, bin_experts), capacity)
+
+
+def group_top_keys(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
+    """[B, C] this rank's top keys per bin -> [B, C] the group's, from one fixed-size gather.
+
+    The group-wide top-C of a bin lies within the union of every rank's own top-C.
+    """
+    num_bins, capacity = top.shape
+    merged = group.all_gather(top).permute(1, 0, 2).reshape(num_bins, -1)  # [B, W * C]
+    return top_keys(merged, capacity)
 
 
 def drop_below(
