@@ -2,8 +2,8 @@
 
 The core never looks up a process group; the framework plugins build a RoutingGroup from the group
 they were given (Megatron's pg_collection.ep / tp_ep, DeepSpeed's expert-parallel group) and pass
-it in. Only small tensors travel through it: token counts, per-expert top-C priority keys and the
-overflow rows of rerouting, never hidden states.
+it in. Only small fixed-size tensors travel through it: token counts, per-bin top-C priority keys
+and, per reroute round, kept loads and top-C proposal keys; never hidden states.
 """
 
 from __future__ import annotations
@@ -55,16 +55,3 @@ class RoutingGroup:
             return torch.stack(parts).to(tensor.dtype)
 
         return cls(dist.get_rank(process_group), world_size, all_gather)
-
-    def gather_padded(self, tensor: torch.Tensor, fill: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather tensors whose first dimension differs across ranks.
-
-        Returns ``[world_size, max_len, *rest]`` padded with ``fill`` and the ``[world_size]``
-        lengths. Two collectives (lengths, then data): uneven gathers are not portable (gloo).
-        """
-        length = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-        lengths = self.all_gather(length).view(-1)
-        max_len = int(lengths.max())
-        padded = tensor.new_full((max_len, *tensor.shape[1:]), fill)
-        padded[: tensor.shape[0]] = tensor
-        return self.all_gather(padded), lengths
