@@ -3,7 +3,6 @@ rows, the three figures as images, the per-configuration scalars (rows made up, 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ pytest.importorskip("matplotlib")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_moe"))
 import demo  # noqa: E402
+import wandb_reader  # noqa: E402
 
 LAYERS, EXPERTS = 4, 8
 
@@ -36,14 +36,10 @@ def test_demo_writes_the_runs_table_and_figures_to_wandb(tmp_path):
     figures_by_key = demo._figures(rows)
     run_dir = demo._write_wandb(rows, figures_by_key, str(tmp_path))
     assert run_dir, "the W&B run was not written"
-    run_file = next(tmp_path.rglob("*.wandb"))
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
-                         capture_output=True, text=True, timeout=120)
-    history = [json.loads(line)["history"]["item"] for line in out.stdout.splitlines()
-               if '"type":"history"' in line]
+    history = wandb_reader.history(tmp_path)
     assert [item["demo/perplexity"] for item in history if "demo/perplexity" in item] == [5.0, 5.2, 7.4]
     last = history[-1]
-    files = next(tmp_path.rglob("files"))
+    files = wandb_reader.files(tmp_path)
     table = json.loads((files / last["demo/runs.path"]).read_text())
     assert table["columns"] == demo.TABLE_COLUMNS
     assert [row[0] for row in table["data"]] == ["dropless", "drop g1.0", "drop-random g1.0"]

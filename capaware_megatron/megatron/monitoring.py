@@ -1,13 +1,14 @@
 """Load monitoring inside Megatron-LM's loops (the run wrapper installs it).
 
 With --capaware-log-interval N > 0 every capaware layer of the model that
-``megatron.training.get_model`` builds (training, evaluation and the inference scripts all build
-through it) reports to three LoadTrackers, one per phase, so no phase's plans leak into
+Megatron-LM builds (``setup_model_and_optimizer`` in training, from a model provider or a
+ModelConfig; ``get_model`` in the inference scripts) reports to three LoadTrackers, one per phase, so no phase's plans leak into
 another's report:
 - training: every N train_step calls, at Megatron's own iteration (the one it logs, also after a
   resume), keys ``capaware/...``;
 - evaluation: once per evaluation pass (evaluate_and_print_results, --skip-train too), at that
-  iteration, keys ``capaware/eval/...``;
+  iteration, keys ``capaware/eval/...`` (validation sets) and ``capaware/test/...`` (the test
+  set, --do-test);
 - inference: every N forward passes outside those two (the text-generation scripts), keys
   ``capaware/inference/...``.
 Reports go through Megatron-LM's own TensorBoard / W&B writers, which live on the last rank, and
@@ -26,7 +27,9 @@ import torch.distributed as dist
 from ..monitor import ConsoleSink, LoadTracker, megatron_sinks
 from .install import _replace
 
-PHASES = {"train": "capaware", "eval": "capaware/eval", "inference": "capaware/inference"}
+PHASES = {"train": "capaware", "eval": "capaware/eval", "test": "capaware/test",
+          "inference": "capaware/inference"}
+EVALUATION_PHASES = ("eval", "test")
 
 
 def attach_megatron(models: Any, tracker: Any) -> int:
@@ -87,7 +90,7 @@ def tracker_from_args(args: Any) -> Optional[PhaseMonitor]:
         phase: LoadTracker(
             num_layers=args.num_layers, num_experts=num_experts,
             expert_to_rank=torch.arange(num_experts) // per_rank,
-            interval=0 if phase == "eval" else interval, sinks=sinks, log_rank=log_rank,
+            interval=0 if phase in EVALUATION_PHASES else interval, sinks=sinks, log_rank=log_rank,
             per_expert=args.capaware_log_per_expert, prefix=prefix,
         )
         for phase, prefix in PHASES.items()
@@ -117,54 +120,79 @@ def _in_phase(phase: str) -> Iterator[Optional[PhaseMonitor]]:
 
 
 def install_monitor_hooks() -> None:
-    """Wrap get_model, train_step and evaluate_and_print_results of megatron.training before the
-    script imports them; they act only once --capaware-log-interval is parsed."""
+    """Wrap get_model, setup_model_and_optimizer, train_step and evaluate_and_print_results of
+    megatron.training before the script imports them; they act only once
+    --capaware-log-interval is parsed."""
     import megatron.training
     from megatron.training import training
 
-    get_model = training.get_model
-
-    @functools.wraps(get_model)
-    def build(*args: Any, **kwargs: Any):
-        model = get_model(*args, **kwargs)
-        monitor = tracker_from_args(_state.get("args"))
-        if monitor is not None:
-            attach_megatron(model, monitor)
-            first = model[0] if isinstance(model, (list, tuple)) else model
-            first.register_forward_hook(monitor.after_forward)
-            _state["monitor"] = monitor
-        return model
-
-    _replace(training, "get_model", build)
-    _replace(megatron.training, "get_model", build)
-    _replace(training, "train_step", _in_phase_then(training.train_step, "train", _report_training))
+    get_model = _then_monitor(training.get_model, lambda model: model)
+    _replace(training, "get_model", get_model)
+    _replace(megatron.training, "get_model", get_model)
+    # The ModelConfig path (Megatron-LM's pretrain_gpt.py) builds without get_model.
+    _replace(training, "setup_model_and_optimizer",
+             _then_monitor(training.setup_model_and_optimizer, lambda built: built[0]))
+    _replace(training, "train_step", _in_phase_then(training.train_step, _training, _report_training))
     _replace(training, "evaluate_and_print_results",
-             _in_phase_then(training.evaluate_and_print_results, "eval", _report_evaluation))
+             _in_phase_then(training.evaluate_and_print_results, _evaluation_phase,
+                            _report_evaluation))
 
 
-def _in_phase_then(function: Any, phase: str, report: Any) -> Any:
-    """`function` running in `phase`, then `report(monitor, args, kwargs)` when monitoring."""
+def _then_monitor(build: Any, model_of: Any) -> Any:
+    """`build`, then its model (``model_of(result)``) attached to the process's PhaseMonitor,
+    once per model."""
+
+    @functools.wraps(build)
+    def wrapped(*args: Any, **kwargs: Any):
+        built = build(*args, **kwargs)
+        monitor = _state.get("monitor") or tracker_from_args(_state.get("args"))
+        model = model_of(built)
+        first = model[0] if isinstance(model, (list, tuple)) else model
+        if monitor is not None and getattr(first, "_capaware_monitor", None) is not monitor:
+            attach_megatron(model, monitor)
+            first.register_forward_hook(monitor.after_forward)
+            first._capaware_monitor = monitor
+            _state["monitor"] = monitor
+        return built
+
+    return wrapped
+
+
+def _training(args: tuple, kwargs: dict) -> str:
+    return "train"
+
+
+def _evaluation_phase(args: tuple, kwargs: dict) -> str:
+    """evaluate_and_print_results(prefix, ...): Megatron names the test pass 'on test set'."""
+    prefix = kwargs.get("prefix", args[0] if args else "")
+    return "test" if "test set" in str(prefix) else "eval"
+
+
+def _in_phase_then(function: Any, phase_of: Any, report: Any) -> Any:
+    """`function` running in the phase ``phase_of(args, kwargs)``, then
+    ``report(monitor, phase, args, kwargs)`` when monitoring."""
 
     @functools.wraps(function)
     def wrapped(*args: Any, **kwargs: Any):
+        phase = phase_of(args, kwargs)
         with _in_phase(phase) as monitor:
             out = function(*args, **kwargs)
         if monitor is not None:
-            report(monitor, args, kwargs)
+            report(monitor, phase, args, kwargs)
         return out
 
     return wrapped
 
 
-def _report_training(monitor: PhaseMonitor, args: tuple, kwargs: dict) -> None:
+def _report_training(monitor: PhaseMonitor, phase: str, args: tuple, kwargs: dict) -> None:
     """After train_step: Megatron logs the iteration it passed in, plus one."""
     iteration = kwargs.get("iteration")
-    monitor.trackers["train"].step(None if iteration is None else iteration + 1)
+    monitor.trackers[phase].step(None if iteration is None else iteration + 1)
 
 
-def _report_evaluation(monitor: PhaseMonitor, args: tuple, kwargs: dict) -> None:
+def _report_evaluation(monitor: PhaseMonitor, phase: str, args: tuple, kwargs: dict) -> None:
     """After evaluate_and_print_results(prefix, forward_step, data, model, iteration, ...): the
-    whole pass is one step of the evaluation tracker (interval 0), reported once."""
+    whole pass is one step of its phase's tracker (interval 0), reported once."""
     iteration = kwargs.get("iteration", args[4] if len(args) > 4 else None)
-    monitor.trackers["eval"].step(iteration)
-    monitor.trackers["eval"].flush(iteration)
+    monitor.trackers[phase].step(iteration)
+    monitor.trackers[phase].flush(iteration)
