@@ -9,7 +9,7 @@ and, per reroute round, kept loads and top-C proposal keys; never hidden states.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -25,11 +25,15 @@ class RoutingGroup:
         world_size: number of ranks.
         all_gather: takes a tensor of the same shape and dtype on every rank and returns them
             stacked, ``[world_size, *shape]``, in rank order.
+        tokens_per_rank: every rank plans exactly this many tokens (Megatron's CUDA-graph
+            decode pads every EP rank to one token count): the group's layout follows from the
+            shapes and no token counts are exchanged. None: exchanged per plan.
     """
 
     rank: int
     world_size: int
     all_gather: GatherFn
+    tokens_per_rank: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -37,6 +41,8 @@ class RoutingGroup:
                 f"RoutingGroup needs 0 <= rank < world_size, got rank={self.rank}, "
                 f"world_size={self.world_size}"
             )
+        if self.tokens_per_rank is not None and self.tokens_per_rank < 0:
+            raise ValueError(f"tokens_per_rank must be >= 0, got {self.tokens_per_rank}")
 
     @classmethod
     def from_process_group(cls, process_group: Any = None) -> "RoutingGroup":

@@ -18,7 +18,8 @@ caller needs only the per-bin top-C keys of every rank to reproduce the single-p
 Host synchronization: none with an ExpertLayout (or none needed), ``validate=False`` and a given
 ``topk``, for every policy, priority and scope local / device; output shapes depend only on (T,
 E, k, C). Global scope reads the group's token counts once per plan (a [W] gather), since C
-depends on them.
+depends on them, unless the group says every rank plans the same number of tokens
+(``RoutingGroup.tokens_per_rank``, CUDA-graph decode): then it has none either.
 """
 
 from __future__ import annotations
@@ -194,12 +195,20 @@ def _needs_grad(scores: torch.Tensor, probs: Optional[torch.Tensor]) -> bool:
 def _group_layout(
     group: RoutingGroup, num_tokens: int, topk: int, device: torch.device
 ) -> tuple[int, int, int]:
-    """(this rank's first token index, the group's token count, the group's k): one gather.
+    """(this rank's first token index, the group's token count, the group's k): one gather, or
+    none when the group's ranks plan a static, equal number of tokens.
 
     A rank without tokens cannot infer k, so k comes from the ranks that have tokens; ranks that
     disagree raise the same error everywhere (no rank is left waiting in a collective). Read on
     the host: C depends on the group's token count.
     """
+    if group.tokens_per_rank is not None:
+        if num_tokens != group.tokens_per_rank:
+            raise ValueError(
+                f"the group plans {group.tokens_per_rank} tokens per rank (tokens_per_rank), "
+                f"this rank has {num_tokens}"
+            )
+        return group.rank * num_tokens, group.world_size * num_tokens, topk
     mine = torch.tensor([num_tokens, topk if num_tokens else 0], device=device)
     layout = group.all_gather(mine).cpu()
     counts, ks = layout[:, 0], layout[:, 1][layout[:, 0] > 0]

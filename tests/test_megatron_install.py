@@ -185,3 +185,49 @@ def test_capacity_with_a_captured_preprocess_step_is_refused():
         _check_graph_capture(captured, CapacityConfig(1.0))
     _check_graph_capture(captured, CapacityConfig(None))  # dropless: nothing to size
     _check_graph_capture(SimpleNamespace(cuda_graph_modules=[CudaGraphModule.moe_router]), CapacityConfig(1.0))
+
+
+def test_runtime_alltoall_checks_see_capaware_as_alltoall():
+    """Megatron code outside the config checks that tests the string "alltoall": the EP-overlap
+    schedule's memory frees (one local expert: the MLP input must be kept for backward)."""
+    from megatron.core.models.common import utils as common_utils
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    with capaware.installed():
+        for num_local_experts in (1, 4):
+            decisions = {
+                dispatcher: common_utils.should_free_input(
+                    "mlp", True, TransformerConfig(moe_token_dispatcher_type=dispatcher, **SMALL),
+                    num_local_experts)
+                for dispatcher in ("alltoall", "capaware")
+            }
+            assert decisions["capaware"] == decisions["alltoall"], (num_local_experts, decisions)
+    assert common_utils.should_free_input("mlp", True, TransformerConfig(
+        moe_token_dispatcher_type="capaware", **SMALL), 1), "uninstalled: Megatron's own answer"
+
+
+def _transformer_layer_build(rank, world_size):
+    import megatron_harness as mh
+    from megatron.core.transformer import transformer_layer
+
+    seen = []
+    set_offload_modules = transformer_layer.TransformerLayer._set_offload_modules
+
+    def recording(self):  # runs in TransformerLayer.__init__, after the MLP is built
+        seen.append((self.config.moe_token_dispatcher_type, type(self.mlp.token_dispatcher).__name__))
+        return set_offload_modules(self)
+
+    transformer_layer.TransformerLayer._set_offload_modules = recording
+    layout = mh.Layout(world_size=1)
+    mh.setup(layout)
+    model = mh.gpt_model(layout, "capaware")
+    return seen, [layer.config.moe_token_dispatcher_type for layer in model.decoder.layers]
+
+
+def test_transformer_layer_sees_alltoall_while_its_moe_layer_is_capaware():
+    """TransformerLayer.__init__ tests "alltoall" for its CUDA-graph recompute choice."""
+    from capaware_megatron.multiprocess import run_gloo
+
+    seen, after = run_gloo(_transformer_layer_build, 1)[0]
+    assert seen == [("alltoall", "CapacityAwareTokenDispatcher")] * 2
+    assert after == ["capaware", "capaware"]

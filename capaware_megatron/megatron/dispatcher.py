@@ -10,10 +10,19 @@ experts a token did not pick. The MoE layer hands the router's logits to the dis
 experts. Assignments the router made are ranked by its own combine weights, exactly as
 Megatron-Core's moe_token_drop_policy="probs" ranks them, so scope local with policy drop equals
 its capacity drop; other candidates are ranked by their full score.
+
+CUDA-graph decode. Megatron's inference controller switches every MoE layer to drop-and-pad
+for CUDA-graph steps (``megatron.core.inference.utils.set_decode_expert_padding`` with capacity
+factor E/k: every expert gets T rows per source rank, nothing dropped). A capaware layer whose cap
+applies sizes that padding by its plan instead: the router skips Megatron's pad step (the plan
+needs its real top-k), each source rank sends exactly min(C, T) rows per expert, zero-weight rows
+filling what the plan leaves, with equal all-to-all splits and no copy to the host. Dropless
+(γ None), the layer is Megatron's stock E/k padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List, Optional
 
 import torch
@@ -76,6 +85,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._routing_group: Optional[RoutingGroup] = None
         self._router_logits: Optional[torch.Tensor] = None
         self._plan_applied = False
+        self._padded_rows: Optional[int] = None
         self.last_plan: Optional[RoutingPlan] = None
         self.plan_observers: list[PlanObserver] = []
 
@@ -106,10 +116,27 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self._routing_group = RoutingGroup.from_process_group(self.tp_ep_group)
         return self._routing_group
 
+    @property
+    def caps(self) -> bool:
+        """Whether the plan caps experts in the layer's current mode."""
+        cfg = self.capacity_config
+        return not cfg.is_dropless and (cfg.apply_in_training or not self.training)
+
+    @property
+    def sizes_padded_step(self) -> bool:
+        """Megatron switched the layer to drop-and-pad (CUDA-graph decode) and the cap applies:
+        the plan, not Megatron's E/k padding, sizes the step (the router then skips its own)."""
+        return self.drop_and_pad and self.caps
+
     def plan(self, routing_map: torch.Tensor, probs: torch.Tensor) -> RoutingPlan:
         """The capacity plan of this rank's tokens; notifies plan_observers."""
         cfg = self.capacity_config
         scores = self._full_scores(probs, routing_map)
+        group = self._group()
+        if group is not None and self.drop_and_pad:
+            # Padded decode runs every EP rank at one token count (Megatron's padded all-to-all
+            # needs it): C follows from the shapes, no counts are exchanged.
+            group = dataclasses.replace(group, tokens_per_rank=routing_map.shape[0])
         plan = plan_routing(
             scores,
             routing_map,
@@ -117,7 +144,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             layout=self.expert_layout,
             probs=probs,
             topk=self.config.moe_router_topk,
-            group=self._group(),
+            group=group,
             training=self.training,
             validate=False,
         )
@@ -140,13 +167,41 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
     ):
         plan = self.plan(routing_map, probs)
         self._plan_applied = plan.routing_map is not routing_map
+        # No expert receives more than C (or all T) of this rank's tokens under the plan.
+        self._padded_rows = (
+            min(plan.capacity, routing_map.shape[0]) if self.sizes_padded_step else None
+        )
         return super().dispatch_preprocess(hidden_states, plan.routing_map, plan.probs)
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:
+        if self.drop_and_pad and self._padded_rows is not None:
+            return self._padded_preprocess(self._padded_rows)
         tokens_per_expert = super().preprocess(routing_map)
         if self._plan_applied:
             # After the plan the number of routed assignments is no longer T * k: size the
             # permutation buffer from the map, like Megatron-Core's own capacity path does.
             self.num_out_tokens = routing_map.sum()
+            # Needed on the host at the first permutation. A layer built for CUDA graphs copies
+            # to the host later (before the all-to-all); this eager step copies there instead,
+            # so the sync point never precedes the copy (Megatron's own capacity path is refused
+            # with graphs; ours is captured only padded, which copies nothing).
+            self.cuda_dtoh_point = "before_permutation_1"
             self._maybe_update_cuda_sync_point("before_permutation_1")
         return tokens_per_expert
+
+    def _padded_preprocess(self, capacity: int) -> torch.Tensor:
+        """Megatron's drop-and-pad layout with the plan's capacity: every source rank sends
+        exactly `capacity` rows per expert (its permutation fills what the plan leaves with
+        zero-weight rows), the all-to-all splits are equal, nothing is copied to the host.
+
+        Returns [num_local_experts] rows per local expert (host tensor: EP * TP * capacity)."""
+        self.capacity = capacity
+        self.num_out_tokens = capacity * self.num_experts
+        # [tp_size * ep_size * num_local_experts]: rows each rank sends each local expert.
+        self.num_global_tokens_per_local_expert = torch.full(
+            (self.num_experts * self.tp_size,), capacity, dtype=torch.long,
+            device=self.permute_idx_device,
+        )
+        return torch.full(
+            (self.num_local_experts,), capacity * self.tp_size * self.ep_size, dtype=torch.long
+        )

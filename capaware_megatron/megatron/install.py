@@ -4,9 +4,11 @@ Megatron-Core has no dispatcher registry: MoELayer.__init__ picks the dispatcher
 if/elif over the type string. install() wraps MoELayer.__init__ so that, for type "capaware", the
 stock constructor runs as for "alltoall" with CapacityAwareTokenDispatcher in place of
 MoEAlltoAllTokenDispatcher (everything else, shared-expert overlap included, is stock), then
-hands the router's logits to the dispatcher. It also wraps TransformerConfig.__post_init__ so
-that Megatron's checks treat "capaware" as the "alltoall" dispatcher it is. Every replaced symbol is recorded once and carries
-``__wrapped__``; uninstall() restores them. Idempotent.
+hands the router's logits to the dispatcher. It also wraps the Megatron code that tests the
+string "alltoall" (TransformerConfig.__post_init__, TransformerLayer.__init__, the EP-overlap
+schedule's should_free_input) so that it treats "capaware" as the "alltoall" dispatcher it is.
+Every replaced symbol is recorded once and carries ``__wrapped__``; uninstall() restores them.
+Idempotent.
 """
 
 from __future__ import annotations
@@ -34,11 +36,21 @@ def install() -> None:
     if _patches:
         return
     require_megatron_core()
+    from megatron.core.models.common import utils as common_utils
+    from megatron.core.transformer import transformer_layer
     from megatron.core.transformer.moe import moe_layer
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     _replace(moe_layer.MoELayer, "__init__", _wrap_moe_layer_init(moe_layer.MoELayer.__init__))
-    _replace(TransformerConfig, "__post_init__", _wrap_config_post_init(TransformerConfig.__post_init__))
+    # Megatron's code that tests the string "alltoall" sees it for capaware, which is that
+    # dispatcher: the config checks (shared-expert overlap, EP communication overlap, ...), the
+    # transformer layer's CUDA-graph recompute choice, the EP-overlap schedule's memory frees.
+    _replace(TransformerConfig, "__post_init__",
+             _presenting_alltoall(TransformerConfig.__post_init__, _argument(0, "self")))
+    _replace(transformer_layer.TransformerLayer, "__init__",
+             _presenting_alltoall(transformer_layer.TransformerLayer.__init__, _argument(1, "config")))
+    _replace(common_utils, "should_free_input",
+             _presenting_alltoall(common_utils.should_free_input, _argument(2, "config")))
     logger.info("capaware: MoELayer builds CapacityAwareTokenDispatcher for type %r", DISPATCHER_TYPE)
 
 
@@ -74,6 +86,10 @@ def _replace(owner: Any, name: str, replacement: Any) -> None:
 class _RouterLogitsTap:
     """Replaces a router's bound ``routing`` on the instance: passes the logits on, unchanged.
 
+    When the dispatcher sizes a padded decode step itself, the router runs without Megatron's
+    capacity step (set there by set_decode_expert_padding; capaware refuses it otherwise), so
+    the plan sees the router's real top-k instead of an all-ones pad mask.
+
     Holds the router and dispatcher themselves (no bound method), so deep copies of the layer
     tap into their own copies.
     """
@@ -84,19 +100,62 @@ class _RouterLogitsTap:
 
     def __call__(self, logits, *args, **kwargs):
         self.dispatcher.capture_router_logits(logits)
-        return type(self.router).routing(self.router, logits, *args, **kwargs)
+        routing = functools.partial(type(self.router).routing, self.router, logits, *args, **kwargs)
+        if not self.dispatcher.sizes_padded_step:
+            return routing()
+        config = self.router.config
+        factor = config.moe_expert_capacity_factor
+        config.moe_expert_capacity_factor = None
+        try:
+            return routing()
+        finally:
+            config.moe_expert_capacity_factor = factor
+
+
+# id(config) -> the capaware type of a config presented as "alltoall" right now (nested blocks
+# see the type of the outermost one).
+_presented: dict[int, Any] = {}
+
+
+def _capaware_type(config: Any) -> Any:
+    """The config's capaware dispatcher type, also while it is presented as "alltoall"; else
+    None."""
+    dispatcher_type = getattr(config, "moe_token_dispatcher_type", None)
+    if dispatcher_type == DISPATCHER_TYPE:
+        return dispatcher_type
+    return _presented.get(id(config))
 
 
 @contextlib.contextmanager
 def _as_alltoall(config: Any) -> Iterator[Any]:
     """Present the config as type "alltoall" (Megatron's code tests that string) for a block;
     yields, and then restores, the capaware type it had (which carries the CapacityConfig)."""
+    if id(config) in _presented:
+        yield _presented[id(config)]
+        return
     dispatcher_type = config.moe_token_dispatcher_type
     config.moe_token_dispatcher_type = "alltoall"
+    _presented[id(config)] = dispatcher_type
     try:
         yield dispatcher_type
     finally:
+        del _presented[id(config)]
         config.moe_token_dispatcher_type = dispatcher_type
+
+
+def _presenting_alltoall(function: Any, config_of: Any) -> Any:
+    """`function` with the config ``config_of(args, kwargs)`` presented as "alltoall" while it
+    runs, when that config is a capaware one."""
+
+    @functools.wraps(function)
+    def wrapped(*args: Any, **kwargs: Any):
+        config = config_of(args, kwargs)
+        if _capaware_type(config) is None:
+            return function(*args, **kwargs)
+        with _as_alltoall(config):
+            return function(*args, **kwargs)
+
+    return wrapped
 
 
 def _bind_type(dispatcher_class: Any, dispatcher_type: Any) -> Any:
@@ -109,24 +168,15 @@ def _sync_dispatcher_mode(layer: Any, _args: Any) -> None:
     layer.token_dispatcher.training = layer.training
 
 
-def _wrap_config_post_init(original_post_init):
-    """TransformerConfig's checks accept every option valid for "alltoall" for "capaware" too
-    (shared-expert overlap, EP communication overlap, ...): capaware is that dispatcher."""
-
-    @functools.wraps(original_post_init)
-    def __post_init__(self):
-        if getattr(self, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
-            return original_post_init(self)
-        with _as_alltoall(self):
-            return original_post_init(self)
-
-    return __post_init__
+def _argument(position: int, name: str) -> Any:
+    """Picks a call's argument by position or keyword."""
+    return lambda args, kwargs: kwargs[name] if name in kwargs else args[position]
 
 
 def _wrap_moe_layer_init(original_init):
     @functools.wraps(original_init)
     def __init__(self, config, *args, **kwargs):
-        if getattr(config, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
+        if _capaware_type(config) is None:
             return original_init(self, config, *args, **kwargs)
         from megatron.core.transformer.moe import moe_layer
 
