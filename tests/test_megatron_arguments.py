@@ -74,6 +74,11 @@ def test_conflicting_flags(monkeypatch):
         capacity_config_from_args(args)
     args = _parse(["--moe-token-dispatcher", "capaware"], monkeypatch)
     assert capacity_config_from_args(args).is_dropless
+    # Megatron's inference-optimized layers swap the dispatcher out at every forward.
+    args = _parse(["--moe-token-dispatcher", "capaware", "--transformer-impl", "inference_optimized",
+                   "--capaware-capacity-factor", "1.0"], monkeypatch)
+    with pytest.raises(ValueError, match="inference_optimized.*capaware supports transformer_impl 'local'"):
+        validate_capaware_args(args)
 
 
 def test_parser_without_megatron_arguments():

@@ -82,6 +82,12 @@ def test_conflict_detected_when_building_in_code():
     with pytest.raises(ValueError, match="moe_expert_capacity_factor=1.0"):
         capacity_config_of(Config())
 
+    class InferenceOptimized:  # MoELayer would swap the dispatcher out at every forward
+        transformer_impl = "inference_optimized"
+
+    with pytest.raises(ValueError, match="would bypass the capaware plan"):
+        capacity_config_of(InferenceOptimized())
+
 
 SMALL = dict(num_layers=2, hidden_size=16, num_attention_heads=4, num_moe_experts=8, moe_router_topk=2,
              moe_ffn_hidden_size=24, use_cpu_initialization=True, add_bias_linear=False)

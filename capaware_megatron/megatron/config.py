@@ -67,7 +67,16 @@ def capacity_config_of(transformer_config: Any, dispatcher_type: Optional[str] =
 
 
 def check_megatron_conflicts(transformer_config: Any) -> None:
-    """Megatron's own capacity drop must not run underneath the capacity-aware plan."""
+    """Megatron's own capacity drop must not run underneath the capacity-aware plan, and no
+    Megatron mode may swap the capaware dispatcher out (a silently dropless layer)."""
+    if getattr(transformer_config, "transformer_impl", None) == "inference_optimized":
+        raise ValueError(
+            "transformer_impl='inference_optimized' (--transformer-impl inference_optimized) "
+            "replaces a MoE layer's dispatcher by Megatron's all-gather inference dispatchers "
+            "at every forward, which would bypass the capaware plan; capaware supports "
+            "transformer_impl 'local' and 'transformer_engine' (eager prefill, and CUDA-graph "
+            "decode with --moe-pad-experts-for-cuda-graph-inference)"
+        )
     factor = getattr(transformer_config, "moe_expert_capacity_factor", None)
     if factor is not None:
         raise ValueError(
