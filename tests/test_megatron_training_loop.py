@@ -1,8 +1,11 @@
 """Megatron-LM's own training loop (`megatron.training.pretrain` from the installed wheel) through
 the run wrapper, at world size 2 with EP2 over gloo: training with evaluations, an evaluation
 from the saved checkpoint with --skip-train, and a resume. What reaches Megatron's TensorBoard
-and W&B writers (on the last rank) is read back and checked against Megatron's own iterations."""
+and W&B writers (on the last rank) is read back and checked against Megatron's own iterations.
+Then an inference script of the same shape as Megatron-LM's generates from that checkpoint
+with CUDA-graph-style padded decode steps."""
 
+import json
 import math
 import os
 import subprocess
@@ -36,12 +39,12 @@ MODEL = [
 ]
 
 
-def _pretrain(workdir, name, *argv):
-    """torchrun -m capaware_megatron.megatron.run /abs/pretrain_tiny_moe.py, from another folder."""
+def _pretrain(workdir, name, *argv, script=SCRIPT, model=MODEL):
+    """torchrun -m capaware_megatron.megatron.run /abs/SCRIPT, from another folder."""
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-        str(29500 + os.getpid() % 1000), "-m", "capaware_megatron.megatron.run", SCRIPT, *MODEL,
+        str(29500 + os.getpid() % 1000), "-m", "capaware_megatron.megatron.run", script, *model,
         "--tensorboard-dir", str(workdir / "tb" / name), "--wandb-project", "capaware-test",
         "--wandb-exp-name", name, "--wandb-save-dir", str(workdir / "wandb" / name), *argv,
     ]
@@ -134,3 +137,40 @@ def test_wandb_rows_carry_megatrons_iterations(runs):
     assert by_step[6]["capaware/eval/dropped_fraction"] > 0
     rows = wandb_reader.history(workdir / "wandb" / "train")
     assert {row["_step"] for row in rows if "capaware/test/dropped_fraction" in row} == {4}
+
+
+GENERATE = os.path.join(os.path.dirname(__file__), "scripts", "generate_tiny_moe.py")
+PROMPTS, PROMPT_LENGTH, NEW_TOKENS = 8, 6, 4
+
+
+def _generate(workdir, name, dispatcher_args):
+    """Greedy generation from the training run's checkpoint; [rank][sequence][token]."""
+    model = [arg for arg in MODEL if arg not in ("capaware", "--moe-token-dispatcher",
+                                                 "--capaware-capacity-factor", str(GAMMA))]
+    out = workdir / "generated" / name
+    out.parent.mkdir(exist_ok=True)
+    _pretrain(workdir, name, "--load", str(workdir / "checkpoint"),
+              "--moe-pad-experts-for-cuda-graph-inference", "--prompts-per-rank", str(PROMPTS),
+              "--prompt-length", str(PROMPT_LENGTH), "--num-tokens-to-generate", str(NEW_TOKENS),
+              "--output-path", str(out), *dispatcher_args, script=GENERATE, model=model)
+    return [json.loads((out.parent / f"{name}.rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_an_inference_script_generates_with_capacity_aware_decode(runs):
+    workdir, _ = runs
+    capped = _generate(workdir, "generate-capaware", ["--moe-token-dispatcher", "capaware",
+                                                      "--capaware-capacity-factor", str(GAMMA)])
+    dropless = _generate(workdir, "generate-dropless", ["--moe-token-dispatcher", "capaware"])
+    stock = _generate(workdir, "generate-alltoall", ["--moe-token-dispatcher-type", "alltoall"])
+    assert dropless == stock, "dropless capaware decodes exactly as Megatron's own E/k padding"
+    assert capped != stock, "the cap binds at decode (8 tokens per rank, 4 experts)"
+    scalars = _scalars(workdir, "generate-capaware")
+    # Forward pass 1 is the eager prefill, 2..4 the padded decode steps.
+    assert _steps(scalars, "capaware/inference/dropped_fraction") == [1]
+    assert _steps(scalars, "capaware/decode/dropped_fraction") == [2, 3, 4]
+    assert scalars["capaware/inference/capacity"] == [
+        (1, math.ceil(GAMMA * PROMPTS * PROMPT_LENGTH * TOPK / EXPERTS))]
+    decode_capacity = min(math.ceil(GAMMA * PROMPTS * TOPK / EXPERTS), PROMPTS)
+    assert [value for _, value in scalars["capaware/decode/capacity"]] == [decode_capacity] * 3
+    assert all(value <= 2 * decode_capacity for _, value in scalars["capaware/decode/layer_0/max_tokens_after"])
+    assert not any(tag.startswith("capaware/eval") for tag in scalars)

@@ -311,3 +311,14 @@ def test_tensorboard_and_megatron_writers(monkeypatch):
     monkeypatch.setattr(global_vars, "_GLOBAL_WANDB_WRITER", None, raising=False)
     sinks = megatron_sinks()
     assert len(sinks) == 1 and isinstance(sinks[0], TensorBoardSink) and sinks[0].writer is writer
+
+
+def test_counts_accumulate_in_one_persistent_buffer():
+    """A CUDA graph replays the additions it captured into the memory it captured them in: the
+    tracker keeps one buffer for the whole run (copied out and zeroed in place per step)."""
+    tracker = LoadTracker(2, E, interval=0)
+    buffer = tracker._current
+    _feed(tracker, steps=3)
+    assert tracker._current is buffer and not buffer.any()
+    assert len(tracker._history) == 3 and all(step.data_ptr() != buffer.data_ptr() for step in tracker._history)
+    assert tracker._history[0][0, :E].tolist() == BEFORE[0, 0].double().tolist()

@@ -197,6 +197,7 @@ def apply_training_loop() -> None:
     _refuse_cuda()
     patch_typing_override()  # megatron.training needs it on Python 3.11
     apply()
+    import megatron.training
     from megatron.core.datasets import utils as dataset_utils
     from megatron.training import initialize, training
 
@@ -213,7 +214,8 @@ def apply_training_loop() -> None:
         setattr(torch.cuda, name, value)
     # Megatron asserts CUDA unless told this is a CPU run.
     initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
-    initialize.initialize_megatron = training.initialize_megatron = initialize_megatron
+    for module in (initialize, training, megatron.training):  # inference scripts import it too
+        module.initialize_megatron = initialize_megatron
     # Model-parallel groups are only built when a device is counted.
     initialize._initialize_distributed = _counting_one_device(initialize._initialize_distributed)
     # The wheel ships the dataset helpers built and no Makefile to rebuild them.

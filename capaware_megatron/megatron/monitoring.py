@@ -10,7 +10,11 @@ another's report:
   iteration, keys ``capaware/eval/...`` (validation sets) and ``capaware/test/...`` (the test
   set, --do-test);
 - inference: every N forward passes outside those two (the text-generation scripts), keys
-  ``capaware/inference/...``.
+  ``capaware/inference/...`` for eager passes (prefill) and ``capaware/decode/...`` for the passes
+  Megatron's controller runs padded for CUDA graphs (set_decode_expert_padding), numbered by
+  forward pass. Under CUDA graphs the counts accumulate in the trackers' persistent buffers on
+  replay; the passes are counted by a forward hook of the model, which runs unless the whole
+  iteration is captured (--cuda-graph-scope full_iteration_inference).
 Reports go through Megatron-LM's own TensorBoard / W&B writers, which live on the last rank, and
 the console.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,7 +32,7 @@ from ..monitor import ConsoleSink, LoadTracker, megatron_sinks
 from .install import _replace
 
 PHASES = {"train": "capaware", "eval": "capaware/eval", "test": "capaware/test",
-          "inference": "capaware/inference"}
+          "inference": "capaware/inference", "decode": "capaware/decode"}
 EVALUATION_PHASES = ("eval", "test")
 
 
@@ -37,24 +41,26 @@ def attach_megatron(models: Any, tracker: Any) -> int:
     under its global layer index (layer_number - 1; layers built outside a model have none and
     are numbered in module order). Returns the number of layers attached (a pipeline stage sees
     only its own)."""
-    from .dispatcher import CapacityAwareTokenDispatcher
-
     count = 0
-    for module in _modules(models):
-        dispatcher = getattr(module, "token_dispatcher", None)
-        if isinstance(dispatcher, CapacityAwareTokenDispatcher):
-            number = getattr(module, "layer_number", None)
-            layer = count if number is None else number - 1
-            dispatcher.plan_observers.append(lambda _d, plan, layer=layer: tracker.record(layer, plan))
-            count += 1
+    for module, dispatcher in _capaware_layers(models):
+        number = getattr(module, "layer_number", None)
+        layer = count if number is None else number - 1
+        dispatcher.plan_observers.append(lambda _d, plan, layer=layer: tracker.record(layer, plan))
+        count += 1
     return count
 
 
-def _modules(models: Any) -> Iterable[torch.nn.Module]:
-    """Modules of a model or of a list of model chunks (DDP-wrapped or not)."""
+def _capaware_layers(models: Any) -> Iterator[tuple[torch.nn.Module, Any]]:
+    """(MoE layer, its CapacityAwareTokenDispatcher) of a model or of a list of model chunks
+    (DDP-wrapped or not), in module order."""
+    from .dispatcher import CapacityAwareTokenDispatcher
+
     chunks = models if isinstance(models, (list, tuple)) else [models]
     for chunk in chunks:
-        yield from getattr(chunk, "module", chunk).modules()
+        for module in getattr(chunk, "module", chunk).modules():
+            dispatcher = getattr(module, "token_dispatcher", None)
+            if isinstance(dispatcher, CapacityAwareTokenDispatcher):
+                yield module, dispatcher
 
 
 class PhaseMonitor:
@@ -64,16 +70,24 @@ class PhaseMonitor:
         self.trackers = trackers
         self.phase = "inference"  # until a train_step or an evaluation pass runs
         self.forward_passes = 0
+        self.dispatchers: list[Any] = []  # the monitored layers' dispatchers
+
+    def _phase_now(self) -> str:
+        """The phase, inference split into eager passes and padded (CUDA-graph decode) ones:
+        Megatron's controller switches every MoE layer at once."""
+        if self.phase == "inference" and self.dispatchers and self.dispatchers[0].drop_and_pad:
+            return "decode"
+        return self.phase
 
     def record(self, layer: int, plan: Any) -> None:
-        self.trackers[self.phase].record(layer, plan)
+        self.trackers[self._phase_now()].record(layer, plan)
 
     def after_forward(self, *_: Any) -> None:
         """Forward hook of the model's first chunk: outside training and evaluation each pass
-        is an inference step."""
+        is an inference step (prefill or decode), numbered by forward pass."""
         if self.phase == "inference":
             self.forward_passes += 1
-            self.trackers["inference"].step(self.forward_passes)
+            self.trackers[self._phase_now()].step(self.forward_passes)
 
 
 def tracker_from_args(args: Any) -> Optional[PhaseMonitor]:
@@ -150,6 +164,7 @@ def _then_monitor(build: Any, model_of: Any) -> Any:
         first = model[0] if isinstance(model, (list, tuple)) else model
         if monitor is not None and getattr(first, "_capaware_monitor", None) is not monitor:
             attach_megatron(model, monitor)
+            monitor.dispatchers.extend(dispatcher for _, dispatcher in _capaware_layers(model))
             first.register_forward_hook(monitor.after_forward)
             first._capaware_monitor = monitor
             _state["monitor"] = monitor

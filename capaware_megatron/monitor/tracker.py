@@ -2,8 +2,10 @@
 
 Per step every MoE layer adds one row of counts (loads per expert before and after the plan,
 dropped, rerouted and routed assignments, capacity) to a [layers, fields] tensor on the plan's
-device: no host sync. A logging step stacks the steps since the last one, sums them over the
-process group with one all_reduce, and turns them into statistics on the logging rank.
+device: no host sync. That tensor is persistent (a step copies it out and zeroes it in place), so
+the additions a CUDA graph captured keep landing in it on every replay, with no Python running.
+A logging step stacks the steps since the last one, sums them over the process group with one
+all_reduce, and turns them into statistics on the logging rank.
 
 Loads are summed over every rank of the group (data, tensor, expert and pipeline parallel): the
 statistics describe the whole job's batch per step. Ratios (straggler factors, fractions,
@@ -85,14 +87,12 @@ class LoadTracker:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self._current = self._empty_step()
+        # [layers, 2E + 5] counts of the current step (persistent: see the module docstring).
+        self._current = torch.zeros(
+            num_layers, 2 * num_experts + _EXTRA, dtype=torch.float64, device=self.device
+        )
         self._history: list[torch.Tensor] = []
         self._steps = 0
-
-    def _empty_step(self) -> torch.Tensor:
-        return torch.zeros(
-            self.num_layers, 2 * self.num_experts + _EXTRA, dtype=torch.float64, device=self.device
-        )
 
     # -------------------------------------------------------------------------------- recording
 
@@ -120,8 +120,8 @@ class LoadTracker:
         """Close the current step; on a logging step reduce, report and return the metrics."""
         self._steps += 1
         iteration = self._steps if iteration is None else iteration
-        self._history.append(self._current)
-        self._current = self._empty_step()
+        self._history.append(self._current.clone())
+        self._current.zero_()  # in place: captured graphs keep adding into this buffer
         if self.interval and self._steps % self.interval == 0:
             return self.flush(iteration)
         return None

@@ -17,31 +17,13 @@ from capaware_megatron.megatron import cpu_shims
 cpu_shims.apply_training_loop()
 
 from megatron.core.enums import ModelType  # noqa: E402
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.training import get_args, pretrain  # noqa: E402
 from megatron.training.argument_utils import (  # noqa: E402
-    core_transformer_config_from_args,
     gpt_config_from_args,
     pretrain_cfg_container_from_args,
 )
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
-
-
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                   pg_collection=None):
-    args = get_args()
-    config = config or core_transformer_config_from_args(args)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(args.num_experts, moe_grouped_gemm=False),
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pre_process,
-        post_process=post_process,
-        vp_stage=vp_stage,
-        pg_collection=pg_collection,
-    )
+from tiny_moe_model import model_provider  # noqa: E402  (a neighbour, like gpt_builders)
 
 
 class MockTokens(torch.utils.data.Dataset):
