@@ -33,6 +33,7 @@ bench: setup
 	$(PY) examples/benchmarks/bench_moe_layer.py
 	$(PY) examples/benchmarks/bench_planner.py
 	$(PY) examples/benchmarks/bench_reroute.py
+	$(PY) examples/benchmarks/bench_decode.py
 
 # On a machine with a GPU: kernels compiled for it, CUDA-graph tests, planner benchmark; one
 # results file named after the device. PYTHON must be a python whose torch sees CUDA.

@@ -18,9 +18,12 @@ import warnings
 QUIET_ENV = "CAPAWARE_QUIET"
 FRAMEWORK_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     ("Transformer Engine and Apex are not installed", UserWarning),
+    ("Apex is not installed", UserWarning),
     ("absl.logging is not installed", UserWarning),
+    ("full scope is deprecated", UserWarning),  # Megatron's default cuda_graph_scope, unused here
 )
-"""(start of the message, category) of warnings that say an optional accelerator is missing."""
+"""(start of the message, category) of warnings that say an optional accelerator is missing, or
+that a framework default the user did not choose is deprecated."""
 FRAMEWORK_LOG_RECORDS: tuple[tuple[str, str], ...] = (
     ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED"),
 )

@@ -1,4 +1,4 @@
-"""The planner benchmark's code paths on tiny shapes: its GPU rows must not first fail on a GPU."""
+"""The benchmarks' code paths on tiny shapes: their GPU rows must not first fail on a GPU."""
 
 import os
 import sys
@@ -43,3 +43,15 @@ def test_traffic_model_terms():
     roomy = plan_routing(scores, routing_map, CapacityConfig(8.0), topk=2)
     assert bench_planner.triton_traffic(routing_map, 2, roomy)["clears"] == 0
     assert torch.equal(roomy.routing_map, routing_map)
+
+
+def test_decode_benchmark_rows_are_cut_by_e_over_gamma_k():
+    bench_decode = pytest.importorskip("bench_decode")
+    for experts, topk, _ in bench_decode.SHAPES.values():
+        stock = bench_decode.padded_rows(256, experts, topk, None)
+        assert stock == experts * 256  # Megatron's E/k padding: T rows per expert per source rank
+        for gamma in bench_decode.GAMMAS:
+            assert stock / bench_decode.padded_rows(256, experts, topk, gamma) == pytest.approx(
+                experts / (gamma * topk))
+    assert bench_decode.padded_rows(4, 8, 2, 3.0) == 8 * 3  # ceil(4 * 2 / 8 * 3) = 3
+    assert bench_decode.padded_rows(4, 8, 2, 8.0) == 8 * 4  # never more than T

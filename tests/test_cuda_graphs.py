@@ -99,3 +99,62 @@ def test_tracker_counts_every_replay():
     routed = int(eager.tokens_per_expert_before.sum())
     assert metrics["capaware/dropped_fraction"] == pytest.approx(int(eager.num_dropped) / routed)
     assert metrics["capaware/capacity"] == pytest.approx(eager.capacity)  # 3 records, averaged
+
+
+@pytest.fixture(scope="module")
+def megatron_ep1():
+    """Megatron-Core's parallel state on one GPU (EP1: the all-to-all is the identity)."""
+    pytest.importorskip("megatron.core")
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    import capaware_megatron.megatron as capaware
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    torch.cuda.set_device(0)
+    parallel_state.initialize_model_parallel()
+    capaware.install()
+    yield
+    capaware.uninstall()
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
+def test_capaware_moe_layer_decode_step_replays_in_a_cuda_graph(megatron_ep1, policy):
+    """A padded decode step of a capaware Megatron MoE layer (what Megatron's controller graphs
+    after set_decode_expert_padding) captured with sync debug mode "error", replay == eager."""
+    from megatron.core.inference import utils as inference_utils
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    import capaware_megatron.megatron as capaware
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=64, num_attention_heads=4, num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=TOPK, moe_ffn_hidden_size=128, moe_token_dispatcher_type="capaware",
+        add_bias_linear=False, moe_router_load_balancing_type="none", params_dtype=torch.float32,
+    )
+    capaware.set_capacity_config(config, CapacityConfig(1.0, policy=policy))
+    spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False)
+    layer = spec.submodules.mlp(config=config).cuda().eval()
+    inference_utils.moe_layer_cache = None
+    inference_utils.set_decode_expert_padding(layer, True, capacity_factor=NUM_EXPERTS / TOPK)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    static_input = torch.randn(64, 1, 64, device="cuda", generator=generator)
+
+    with torch.no_grad():
+        graph, (captured, _) = _captured(lambda: layer(static_input))
+        for _ in range(2):
+            static_input.copy_(torch.randn(64, 1, 64, device="cuda", generator=generator))
+            graph.replay()
+            eager, _ = layer(static_input)
+            torch.testing.assert_close(captured, eager)
+    assert layer.token_dispatcher.capacity == min(-(-64 * TOPK // NUM_EXPERTS), 64)
+    assert int(layer.token_dispatcher.last_plan.num_dropped) + int(
+        layer.token_dispatcher.last_plan.num_rerouted) > 0, "the cap must bind"

@@ -99,14 +99,12 @@ def _padded_for_decode(layer):
     return layer
 
 
-def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, layer_shape: dict,
-               verbose: bool):
+def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, layer_shape: dict):
     from megatron.core import parallel_state
     from megatron.core.inference.utils import InferenceMode
 
     from capaware_megatron.megatron import cpu_shims, install
 
-    quiet_frameworks(verbose)
     LAYER.update(layer_shape)
     torch.set_num_threads(1)
     cpu_shims.apply()
@@ -141,13 +139,12 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def _measured(token_counts: tuple[int, ...], rounds: int, eps: tuple[int, ...],
-              verbose: bool) -> list[str]:
+def _measured(token_counts: tuple[int, ...], rounds: int, eps: tuple[int, ...]) -> list[str]:
     lines = [f"{'T':>4} {'EP':>3} {'run':<14} {'rows/rank':>9} {'ms median':>10} {'IQR ms':>14} "
              f"{'rows cut':>9} {'time cut':>9} {'of rows':>8}"]
     settings = [(tokens, ep) for tokens in token_counts for ep in eps]
     for tokens, ep in tqdm(settings, desc="decode benchmark", unit="setting", dynamic_ncols=True):
-        results = run_gloo(_rank_main, ep, tokens, rounds, dict(LAYER), verbose, timeout=1200)[0]
+        results = run_gloo(_rank_main, ep, tokens, rounds, dict(LAYER), timeout=1200)[0]
         base_rows, base_time = results["Megatron E/k"][1], _quartiles(results["Megatron E/k"][0])[1]
         for name, (seconds, rows) in results.items():
             q1, median, q3 = _quartiles(seconds)
@@ -183,7 +180,7 @@ def main() -> None:
           f"E={LAYER['experts']}, top-{LAYER['topk']}), T decode tokens per rank, gloo on "
           f"{device_name(torch.device('cpu'))}, 1 thread per rank; {args.rounds} interleaved rounds; "
           "'of rows': time cut / rows cut (target >= 70%)")
-    print("\n".join(_measured(tuple(args.tokens), args.rounds, tuple(args.ep), args.verbose)))
+    print("\n".join(_measured(tuple(args.tokens), args.rounds, tuple(args.ep))))
 
 
 if __name__ == "__main__":
