@@ -112,7 +112,9 @@ def _decode_loop(model, data_rank):
 
 
 def _padded_dispatch_syncs(model):
-    """Host syncs of one padded decode step's plan, permutation and all-to-all (layer 0)."""
+    """Host syncs of one padded decode step of layer 0: router, plan, permutations and both
+    all-to-alls (identity experts in between; Megatron's experts read their row counts from a
+    host tensor)."""
     import megatron_harness as mh
     from host_sync import HostSyncRecorder
     from megatron.core.inference.utils import InferenceMode
@@ -123,11 +125,13 @@ def _padded_dispatch_syncs(model):
     with torch.no_grad(), InferenceMode.active():
         _switch(model, padded=True)
         dispatcher.training = False  # what the layer's forward pre-hook sets in eval
-        probs, routing_map = layer.router(hidden)  # the tap: the router's own top-k
         with HostSyncRecorder() as syncs:
+            probs, routing_map = layer.router(hidden)  # the tap: the router's own top-k
             tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
             tokens, weights = dispatcher.token_dispatch(tokens, weights)
-            dispatcher.dispatch_postprocess(tokens, weights)
+            tokens, _, weights = dispatcher.dispatch_postprocess(tokens, weights)
+            tokens = dispatcher.combine_preprocess(tokens * weights.unsqueeze(-1))
+            dispatcher.combine_postprocess(dispatcher.token_combine(tokens))
     return syncs.ops, int(routing_map.sum())
 
 
