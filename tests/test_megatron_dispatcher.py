@@ -241,3 +241,64 @@ def test_pipeline_parallel_pp2_ep2():
             assert int(plan.tokens_per_expert_after.max()) <= plan.capacity
             assert int(plan.num_rerouted) > 0
     assert per_rank[-1]["eval_loss"] is not None and torch.isfinite(per_rank[-1]["eval_loss"])
+
+
+NO_SP_LAYOUTS = {"TP2xEP2": Layout(tp=2, ep=2, world_size=4),
+                 "TP2xETP2xEP2": Layout(tp=2, ep=2, etp=2, world_size=4)}
+NO_SP_CONFIGS = {"drop g0.6": CapacityConfig(0.6, scope="global"),
+                 "reroute g0.75": CapacityConfig(0.75, policy="reroute", scope="global")}
+
+
+def _global_plans_without_sp(rank, world_size, layout):
+    """Eval without sequence parallelism (the usual inference layout): attention-TP peers hold
+    the same tokens."""
+    from megatron.core import parallel_state
+
+    import megatron_harness as mh
+
+    mh.setup(layout)
+    x = mh.local_input(12 + 3 * parallel_state.get_data_parallel_rank(), requires_grad=False,
+                       seed=200 + parallel_state.get_data_parallel_rank())
+    results = {}
+    for name, cfg in NO_SP_CONFIGS.items():
+        layer = mh.moe_layer(layout, "capaware", cfg, sequence_parallel=False).eval()
+        records = _record_plans(layer)
+        with torch.no_grad():
+            out, _ = layer(x)
+        results[name] = (out, records[-1])
+    group = layer.token_dispatcher.tp_ep_group
+    return dict(results=results, tp_ranks=tuple(torch.distributed.get_process_group_ranks(
+                    parallel_state.get_tensor_model_parallel_group())),
+                tp_ep_ranks=tuple(torch.distributed.get_process_group_ranks(group)),
+                local_experts=layer.local_expert_indices)
+
+
+@pytest.mark.parametrize("name", list(NO_SP_LAYOUTS))
+def test_global_plan_counts_tensor_parallel_copies_once(name):
+    layout = NO_SP_LAYOUTS[name]
+    per_rank = run_gloo(_global_plans_without_sp, layout.world_size, layout)
+    for config in NO_SP_CONFIGS:
+        # TP peers hold the same tokens: they keep the same assignments, so their outputs agree.
+        for rank, result in enumerate(per_rank):
+            for peer in result["tp_ranks"]:
+                torch.testing.assert_close(result["results"][config][0], per_rank[peer]["results"][config][0],
+                                           msg=f"{name} {config}: rank {rank} vs its TP peer {peer}")
+        # The plan is the single-process plan of the group's distinct tokens (one copy each).
+        for group in sorted({r["tp_ep_ranks"] for r in per_rank}):
+            sources = list(dict.fromkeys(min(per_rank[r]["tp_ranks"]) for r in group))
+            firsts = [next(r for r in group if min(per_rank[r]["tp_ranks"]) == s) for s in sources]
+            records = [per_rank[r]["results"][config][1] for r in firsts]
+            cfg = NO_SP_CONFIGS[config]
+            local = torch.cat([
+                torch.zeros_like(rec[1]).index_fill_(1, torch.tensor(per_rank[r]["local_experts"]), True)
+                for r, rec in zip(firsts, records)
+            ])
+            whole = plan_routing(torch.cat([rec[0] for rec in records]), torch.cat([rec[1] for rec in records]),
+                                 CapacityConfig(cfg.capacity_factor, policy=cfg.policy),
+                                 probs=torch.cat([rec[2] for rec in records]), local_experts=local)
+            assert torch.equal(torch.cat([rec[3].routing_map for rec in records]), whole.routing_map), (name, config)
+            for r in group:  # every copy plans like its set's first rank
+                first = firsts[sources.index(min(per_rank[r]["tp_ranks"]))]
+                assert torch.equal(per_rank[r]["results"][config][1][3].routing_map,
+                                   per_rank[first]["results"][config][1][3].routing_map)
+            assert int(whole.num_dropped) + int(whole.num_rerouted) > 0, (name, config, "the cap must bind")

@@ -83,6 +83,9 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             self.num_experts, torch.arange(self.num_experts) // num_local_experts, self.local_expert_indices
         )
         self._routing_group: Optional[RoutingGroup] = None
+        # Tensor parallelism without sequence parallelism: the attention TP peers hold the same
+        # tokens, which a global plan counts once.
+        self._token_copies = None if config.sequence_parallel else getattr(pg_collection, "tp", None)
         self._router_logits: Optional[torch.Tensor] = None
         self._plan_applied = False
         self._padded_rows: Optional[int] = None
@@ -113,7 +116,8 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         if self.capacity_config.scope != "global":
             return None
         if self._routing_group is None:
-            self._routing_group = RoutingGroup.from_process_group(self.tp_ep_group)
+            self._routing_group = RoutingGroup.from_process_group(
+                self.tp_ep_group, copies=self._token_copies)
         return self._routing_group
 
     @property
