@@ -157,7 +157,7 @@ def plan_routing(
     if cfg.policy == "reroute":
         placed = torch_ops.reroute(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
-            cfg.reroute_rounds, cfg.priority, cfg.seed, token_offset, global_group,
+            cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group,
         )
         new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
         num_rerouted = placed.num_rerouted

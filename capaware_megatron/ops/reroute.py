@@ -64,6 +64,7 @@ def reroute(
     capacity: int,
     rounds: int,
     priority: str,
+    topk: int,
     seed: int = 0,
     token_offset: int = 0,
     group: Optional[RoutingGroup] = None,
@@ -77,6 +78,7 @@ def reroute(
         kept_per_expert: [E] int64, this rank's kept assignments per expert.
         bins, capacity: the cap C per bin; rounds: how many proposal rounds.
         priority, seed, token_offset: the priority keys of the pending assignments.
+        topk: k; a token has at most k pending assignments (its router picks).
         group: global scope's ranks (room and acceptance are group-wide), or None.
     """
     num_tokens, num_experts = scores.shape
@@ -92,13 +94,14 @@ def reroute(
     bin_experts = bins.experts
     rerouted = torch.zeros(num_experts, dtype=torch.int64, device=device)
     for _ in range(rounds):
-        # A token's pending assignments ("items"), highest key first; it has num_pending of them.
-        items = torch.sort(pending_keys, dim=1, descending=True)
+        # A token's pending assignments ("items"), highest key first: [T, k], of which
+        # num_pending are real (the rest NOT_ROUTED).
+        items = torch.topk(pending_keys, topk, dim=1)
         num_pending = (pending_keys != NOT_ROUTED).sum(1, keepdim=True)
         open_in_order = (~used & (room[bins.expert_to_bin] > 0)).gather(1, preference)
         item = open_in_order.cumsum(1) - 1  # the item proposing to each open expert, in order
         proposing = open_in_order & (item < num_pending)
-        item = item.clamp(0, num_experts - 1)
+        item = item.clamp(0, topk - 1)
         keys = torch.empty_like(pending_keys).scatter_(
             1, preference, torch.where(proposing, items.values.gather(1, item), NOT_ROUTED)
         )  # [T, E]: the key of the item proposing to each expert
@@ -111,9 +114,9 @@ def reroute(
         rerouted += placed
         placed_per_bin = bins.per_bin(placed)
         room = room - (group.all_gather(placed_per_bin).sum(0) if group is not None else placed_per_bin)
-        done_items = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
-        done_items.scatter_(1, torch.where(accepted.gather(1, preference), item, num_experts), True)
-        done = torch.zeros_like(used).scatter_(1, items.indices, done_items[:, :num_experts])
+        done_items = torch.zeros(num_tokens, topk + 1, dtype=torch.bool, device=device)
+        done_items.scatter_(1, torch.where(accepted.gather(1, preference), item, topk), True)
+        done = torch.zeros_like(used).scatter_(1, items.indices, done_items[:, :topk])
         pending_keys = pending_keys.masked_fill(done, NOT_ROUTED)
     return Rerouted(new_map, weights, kept_per_expert + rerouted, rerouted.sum())
 
