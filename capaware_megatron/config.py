@@ -14,11 +14,13 @@ Policy = Literal["none", "drop", "reroute", "expanded"]
 Priority = Literal["score", "position", "reverse", "random"]
 Scope = Literal["local", "device", "global"]
 Backend = Literal["auto", "torch", "triton"]
+RerouteWeight = Literal["score", "carry"]
 
 POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+REROUTE_WEIGHTS: tuple[str, ...] = get_args(RerouteWeight)
 DEFAULT_REROUTE_ROUNDS = 5
 """Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
 >= 99% of what the exact serial greedy places on the trained routing and Zipf routers."""
@@ -75,6 +77,10 @@ class CapacityConfig:
     next-best expert with room; each expert accepts by priority up to its room). A fixed number
     of device rounds, so the plan never waits for the host."""
 
+    reroute_weight: RerouteWeight = "score"
+    """policy reroute: the combine weight of a rerouted assignment. score (the paper's): the new
+    expert's router score; carry: the weight the router gave the assignment it replaces."""
+
     def __post_init__(self) -> None:
         if self.policy is None:  # frozen: resolve the default in place, once
             object.__setattr__(self, "policy", "none" if self.capacity_factor is None else "drop")
@@ -82,6 +88,7 @@ class CapacityConfig:
         _check_choice("priority", self.priority, PRIORITIES)
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("reroute_weight", self.reroute_weight, REROUTE_WEIGHTS)
         if self.capacity_factor is not None:
             if isinstance(self.capacity_factor, bool) or not isinstance(
                 self.capacity_factor, (int, float)

@@ -155,17 +155,21 @@ def plan_routing(
         num_dropped = tokens_before.sum() - tokens_after.sum()
         num_rerouted = torch.zeros_like(num_dropped)
     if cfg.policy == "reroute":
+        carried = _router_weights(probs, scores, routing_map) if cfg.reroute_weight == "carry" else None
         placed = torch_ops.reroute(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
-            cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group,
+            cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group, carried,
         )
         new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
         num_rerouted = placed.num_rerouted
         num_dropped = num_dropped - num_rerouted
     if ops is not torch_ops and _needs_grad(scores, probs):
         # Kernels write the weights outside autograd: take the same values through torch ops so
-        # the router's gradient flows through the plan's combine weights.
-        new_probs = torch.where(new_map, torch_ops.router_or_score(routing_map, probs, scores), 0)
+        # the router's gradient flows through the plan's combine weights (kept router picks: its
+        # weights; rerouted: the reroute's own, torch ops already; expanded: the score).
+        others = new_probs if cfg.policy == "reroute" else scores
+        router = _router_weights(probs, scores, routing_map)
+        new_probs = torch.where(new_map, torch.where(routing_map, router, others.to(router.dtype)), 0)
     if cfg.renormalize:
         new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
     return RoutingPlan(

@@ -99,6 +99,22 @@ def moe_layer(layout: Layout, dispatcher: str, capaware=None, **overrides):
     return layer
 
 
+def record_plans(layer) -> list:
+    """Keep what the dispatcher planned from: [scores, routing_map, probs, plan] per forward."""
+    records = []
+    dispatcher = layer.token_dispatcher
+    full_scores = dispatcher._full_scores
+
+    def recording(probs, routing_map):
+        scores = full_scores(probs, routing_map)
+        records.append([scores.detach(), routing_map, probs.detach()])
+        return scores
+
+    dispatcher._full_scores = recording
+    dispatcher.plan_observers.append(lambda _d, plan: records[-1].append(plan))
+    return records
+
+
 def local_input(num_tokens: int, seed: int, requires_grad: bool = True) -> torch.Tensor:
     """This rank's [S, 1, H] input: distinct per rank, deterministic."""
     gen = torch.Generator().manual_seed(seed)

@@ -43,24 +43,26 @@ def _preferences(t, score, used, room, bin_of, num_experts):
 
 
 def _serial_greedy(overflow, prio, score, used, room, bin_of, num_experts, rounds):
-    """Each overflow assignment, highest priority first, takes its token's best expert with room."""
-    placed = set()
+    """Each overflow assignment, highest priority first, takes its token's best expert with room.
+    Returns {(token, new expert): the expert it came from}."""
+    placed = {}
     for t, e in sorted(overflow, key=lambda a: prio(*a), reverse=True):
         free = _preferences(t, score, used, room, bin_of, num_experts)
         if free:
             used[t].add(free[0])
             room[bin_of[free[0]]] -= 1
-            placed.add((t, free[0]))
+            placed[(t, free[0])] = e
     return placed
 
 
 def _proposal_rounds(overflow, prio, score, used, room, bin_of, num_experts, rounds):
     """`rounds` rounds: a token's j-th pending assignment (by priority) proposes its j-th expert
     with room at the round's start; each bin accepts its highest-priority proposals up to room."""
-    pending = {}
+    pending, origin = {}, {}
     for t, e in overflow:
         pending.setdefault(t, []).append(prio(t, e))
-    placed = set()
+        origin[(t, prio(t, e))] = e
+    placed = {}
     for _ in range(rounds):
         start = list(room)
         proposals = []  # (item key, token, expert)
@@ -73,7 +75,7 @@ def _proposal_rounds(overflow, prio, score, used, room, bin_of, num_experts, rou
             for key, t, e in in_bin[: max(start[b], 0)]:
                 used[t].add(e)
                 room[b] -= 1
-                placed.add((t, e))
+                placed[(t, e)] = origin[(t, key)]
                 pending[t].remove(key)
     return placed
 
@@ -134,7 +136,7 @@ def reference_plan(
         in_bin = sorted((a for a in candidates if bin_of[a[1]] == b), key=lambda a: prio(*a))
         kept.update(in_bin[::-1][:capacity])
 
-    rerouted = set()
+    rerouted = {}  # (token, new expert) -> the expert the assignment came from
     if cfg.policy == "reroute":
         room = [capacity - sum(1 for (_, e) in kept if bin_of[e] == b) for b in range(num_bins)]
         overflow = [a for a in candidates if a not in kept]
@@ -144,9 +146,14 @@ def reference_plan(
 
     new_map = torch.zeros_like(routing_map)
     new_probs = torch.zeros_like(probs)
-    for t, e in kept | rerouted:
+    for t, e in kept | set(rerouted):
         new_map[t, e] = True
-        new_probs[t, e] = probs[t, e] if e in chosen[t] else scores[t, e].to(probs.dtype)
+        if e in chosen[t]:
+            new_probs[t, e] = probs[t, e]
+        elif (t, e) in rerouted and getattr(cfg, "reroute_weight", "score") == "carry":
+            new_probs[t, e] = probs[t, rerouted[(t, e)]]
+        else:
+            new_probs[t, e] = scores[t, e].to(probs.dtype)
     if cfg.renormalize:
         for t in range(num_tokens):
             total = float(new_probs[t].float().sum())

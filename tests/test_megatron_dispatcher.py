@@ -41,22 +41,6 @@ def _assert_same(a, b, what):
         torch.testing.assert_close(params_a[name], params_b[name], msg=f"{what}: grad of {name}")
 
 
-def _record_plans(layer):
-    """Keep what the dispatcher planned from: (scores, routing_map, probs, plan) per forward."""
-    records = []
-    dispatcher = layer.token_dispatcher
-    full_scores = dispatcher._full_scores
-
-    def recording(probs, routing_map):
-        scores = full_scores(probs, routing_map)
-        records.append([scores.detach(), routing_map, probs.detach()])
-        return scores
-
-    dispatcher._full_scores = recording
-    dispatcher.plan_observers.append(lambda _d, plan: records[-1].append(plan))
-    return records
-
-
 def _identity_round_trip(layer, x):
     """Dispatch and combine through the capaware dispatcher with identity experts."""
     dispatcher = layer.token_dispatcher
@@ -121,7 +105,7 @@ def _dispatcher_checks(rank, world_size, layout):
     for policy in ("drop", "reroute", "expanded"):
         for scope in ("local", "global", "device"):
             layer = mh.moe_layer(layout, "capaware", CapacityConfig(1.0, policy=policy, scope=scope))
-            records = _record_plans(layer)
+            records = mh.record_plans(layer)
             layer.eval()
             with torch.no_grad():
                 out, _ = layer(x)
@@ -262,7 +246,7 @@ def _global_plans_without_sp(rank, world_size, layout):
     results = {}
     for name, cfg in NO_SP_CONFIGS.items():
         layer = mh.moe_layer(layout, "capaware", cfg, sequence_parallel=False).eval()
-        records = _record_plans(layer)
+        records = mh.record_plans(layer)
         with torch.no_grad():
             out, _ = layer(x)
         results[name] = (out, records[-1])

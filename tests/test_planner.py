@@ -235,11 +235,16 @@ def test_input_errors():
 
 @pytest.mark.parametrize("rounds", [1, 2, 3, 16])
 @pytest.mark.parametrize("scope", ["local", "device"])
-def test_reroute_rounds_match_the_loop_reference(rounds, scope):
+@pytest.mark.parametrize("weight", ["score", "carry"])
+def test_reroute_rounds_match_the_loop_reference(rounds, scope, weight):
     scores, routing_map = skewed_routing(300, 16, 4, skew=2.0, seed=9)
-    cfg = CapacityConfig(0.75, policy="reroute", scope=scope, reroute_rounds=rounds)
-    plan = _check_against_reference(scores, routing_map, cfg, expert_to_rank=_device_map(16))
+    probs = torch.where(routing_map, scores * 1.7, 0)  # router weights unlike the scores
+    cfg = CapacityConfig(0.75, policy="reroute", scope=scope, reroute_rounds=rounds, reroute_weight=weight)
+    plan = _check_against_reference(scores, routing_map, cfg, expert_to_rank=_device_map(16), probs=probs)
     assert int(plan.num_rerouted) > 100
+    rerouted = plan.routing_map & ~routing_map
+    if weight == "carry":  # a token's rerouted weights are weights its router gave
+        assert not torch.equal(plan.probs[rerouted], scores[rerouted])
 
 
 def test_more_rounds_place_more_and_approach_the_serial_greedy():

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable, Optional
 
-from ..config import BACKENDS, DEFAULT_REROUTE_ROUNDS, POLICIES, PRIORITIES, SCOPES, CapacityConfig
+from ..config import (
+    BACKENDS,
+    DEFAULT_REROUTE_ROUNDS,
+    POLICIES,
+    PRIORITIES,
+    REROUTE_WEIGHTS,
+    SCOPES,
+    CapacityConfig,
+)
 from .config import DISPATCHER_TYPE, check_megatron_conflicts
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -39,6 +47,9 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--capaware-seed", type=int, default=0, help="Seed of priority random.")
     group.add_argument("--capaware-reroute-rounds", type=int, default=DEFAULT_REROUTE_ROUNDS,
                        help=f"Proposal rounds of policy reroute (default {DEFAULT_REROUTE_ROUNDS}).")
+    group.add_argument("--capaware-reroute-weight", choices=REROUTE_WEIGHTS, default="score",
+                       help="Policy reroute: a rerouted assignment weighs its new expert's score "
+                            "(score, the paper's) or the replaced assignment's weight (carry).")
     group.add_argument("--capaware-backend", choices=BACKENDS, default="auto",
                        help="Planner backend (auto: Triton on GPU, torch on CPU).")
     group.add_argument("--capaware-log-interval", type=int, default=0,
@@ -87,6 +98,7 @@ def capacity_config_from_args(args: Any) -> CapacityConfig:
         seed=args.capaware_seed,
         backend=args.capaware_backend,
         reroute_rounds=args.capaware_reroute_rounds,
+        reroute_weight=args.capaware_reroute_weight,
     )
 
 

@@ -68,6 +68,7 @@ def reroute(
     seed: int = 0,
     token_offset: int = 0,
     group: Optional[RoutingGroup] = None,
+    carried: Optional[torch.Tensor] = None,
 ) -> Rerouted:
     """Place the router assignments drop removed (routing_map & ~kept_map) in `rounds` rounds.
 
@@ -80,6 +81,8 @@ def reroute(
         priority, seed, token_offset: the priority keys of the pending assignments.
         topk: k; a token has at most k pending assignments (its router picks).
         group: global scope's ranks (room and acceptance are group-wide), or None.
+        carried: [T, E] the router's weights: a rerouted assignment then weighs the weight of
+            the assignment it replaces (reroute_weight "carry"); None: its new expert's score.
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
@@ -108,7 +111,13 @@ def reroute(
         accepted = _accept(keys, bin_experts, bins, room, capacity, group)  # [T, E] bool
         # Commit: the new assignments, their weights, the rooms, and the items they came from.
         new_map |= accepted
-        weights = torch.where(accepted, scores.to(weights.dtype), weights)
+        if carried is None:
+            new_weights = scores.to(weights.dtype)
+        else:  # the router's weight of the expert each proposing item came from
+            origin = items.indices.gather(1, item)  # [T, E] in preference order
+            new_weights = torch.empty_like(weights).scatter_(
+                1, preference, carried.to(weights.dtype).gather(1, origin))
+        weights = torch.where(accepted, new_weights, weights)
         used |= accepted
         placed = accepted.sum(0, dtype=torch.int64)
         rerouted += placed
