@@ -8,11 +8,7 @@ set -euo pipefail
 : "${DATA_PATH:?Megatron data prefix}"
 : "${CHECKPOINT:?trained MoE checkpoint to evaluate}"
 : "${TOKENIZER:=meta-llama/Llama-2-7b-hf}"
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${SLURM_NNODES:-1}
-NODE_RANK=${SLURM_NODEID:-0}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
-source "$(dirname "$0")/../examples/megatron_capaware_args.sh"
+source "$(cd "$(dirname "$0")" && pwd)/torchrun_cluster.sh"
 
 MODEL_ARGS=(  # Mixtral-8x7B-like; replace with your model's
     --num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32
@@ -31,7 +27,5 @@ EVAL_ARGS=(
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER" --bf16
 )
 
-torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-6000}" \
-    -m capaware_megatron.megatron.run "$MEGATRON_LM/pretrain_gpt.py" \
+torchrun "${TORCHRUN_ARGS[@]}" -m capaware_megatron.megatron.run "$MEGATRON_LM/pretrain_gpt.py" \
     "${MODEL_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${EVAL_ARGS[@]}" "${CAPAWARE_ARGS[@]}" "$@"

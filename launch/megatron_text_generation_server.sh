@@ -16,11 +16,7 @@ set -euo pipefail
 : "${MEGATRON_LM:?path of a Megatron-LM checkout}"
 : "${CHECKPOINT:?trained MoE checkpoint to serve}"
 : "${TOKENIZER:=mistralai/Mixtral-8x7B-v0.1}"
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${SLURM_NNODES:-1}
-NODE_RANK=${SLURM_NODEID:-0}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
-source "$(cd "$(dirname "$0")" && pwd)/../examples/megatron_capaware_args.sh"
+source "$(cd "$(dirname "$0")" && pwd)/torchrun_cluster.sh"
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
 SERVER_ARGS=(
@@ -41,7 +37,5 @@ DECODE_ARGS=(  # CUDA-graph decode, capacity-aware padding
 
 # `-m MODULE` runs from the current folder, like python -m: the Megatron-LM checkout.
 cd "$MEGATRON_LM"
-torchrun --nproc-per-node "$GPUS_PER_NODE" --nnodes "$NNODES" --node-rank "$NODE_RANK" \
-    --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-6000}" \
-    -m capaware_megatron.megatron.run -m examples.inference.launch_inference_server \
+torchrun "${TORCHRUN_ARGS[@]}" -m capaware_megatron.megatron.run -m examples.inference.launch_inference_server \
     "${SERVER_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${DECODE_ARGS[@]}" "${CAPAWARE_ARGS[@]}" "$@"
