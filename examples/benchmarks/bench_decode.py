@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from capaware_megatron import CapacityConfig
@@ -36,7 +33,7 @@ from capaware_megatron.quiet import quiet_frameworks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from timing import device_name  # noqa: E402
+from timing import device_name, interleaved_rounds, quartiles  # noqa: E402
 
 GAMMAS = (1.0, 1.5, 2.0)
 SHAPES = {  # (experts, top-k, hidden)
@@ -119,24 +116,13 @@ def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, layer_shape
         layer.experts.register_forward_pre_hook(
             lambda _m, args, name=name: rows.__setitem__(name, args[0].shape[0]))
     generator = torch.Generator().manual_seed(rank)
-    samples = {name: [] for name in runs}
+    hidden = [torch.randn(tokens, 1, LAYER["hidden"], generator=generator) for _ in range(rounds + 2)]
+    step = {name: iter(hidden) for name in runs}  # a new batch every round, the same for every run
     with torch.no_grad(), InferenceMode.active():
-        for round_index in range(rounds + 2):  # two warm-up rounds
-            hidden = torch.randn(tokens, 1, LAYER["hidden"], generator=generator)
-            for name, layer in runs.items():
-                dist.barrier()
-                start = time.perf_counter()
-                layer(hidden)
-                elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the step
-                if round_index >= 2:
-                    samples[name].append(float(elapsed))
+        samples = interleaved_rounds(
+            {name: lambda layer=layer, name=name: layer(next(step[name])) for name, layer in runs.items()},
+            rounds, warmup=2)
     return {name: (samples[name], rows[name]) for name in runs} if rank == 0 else None
-
-
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
 
 
 def _measured(token_counts: tuple[int, ...], rounds: int, eps: tuple[int, ...]) -> list[str]:
@@ -145,9 +131,9 @@ def _measured(token_counts: tuple[int, ...], rounds: int, eps: tuple[int, ...]) 
     settings = [(tokens, ep) for tokens in token_counts for ep in eps]
     for tokens, ep in tqdm(settings, desc="decode benchmark", unit="setting", dynamic_ncols=True):
         results = run_gloo(_rank_main, ep, tokens, rounds, dict(LAYER), timeout=1200)[0]
-        base_rows, base_time = results["Megatron E/k"][1], _quartiles(results["Megatron E/k"][0])[1]
+        base_rows, base_time = results["Megatron E/k"][1], quartiles(results["Megatron E/k"][0])[1]
         for name, (seconds, rows) in results.items():
-            q1, median, q3 = _quartiles(seconds)
+            q1, median, q3 = quartiles(seconds)
             rows_cut, time_cut = base_rows / rows, base_time / median
             lines.append(f"{tokens:>4} {ep:>3} {name:<14} {rows:>9} {1e3 * median:>10.2f} "
                          f"{1e3 * q1:>6.2f}-{1e3 * q3:<7.2f} {rows_cut:>8.2f}x {time_cut:>8.2f}x "

@@ -39,3 +39,34 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def interleaved_rounds(runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                       on_start: Callable[[str], None] = lambda name: None) -> dict[str, list[float]]:
+    """{run: seconds per round} over `rounds` rounds after `warmup`, the runs interleaved within
+    every round (drift of the machine spreads over all of them). Under torch.distributed each
+    round's time is the slowest rank's: the step waits for it. `on_start(name)` runs before each
+    run (e.g. to switch a layer's configuration)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + rounds):
+        for name, run in runs.items():
+            on_start(name)
+            if distributed:
+                dist.barrier()
+            start = time.perf_counter()
+            run()
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+            if distributed:
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_index >= warmup:
+                samples[name].append(float(elapsed))
+    return samples
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
