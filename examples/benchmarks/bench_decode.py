@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=LAYER["ffn"])
     parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (the table reports quartiles)")
     quiet_frameworks(args.verbose)
     LAYER.update(hidden=args.hidden, ffn=args.ffn)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (the table reports quartiles)")
     quiet_frameworks(args.verbose)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
