@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 
 import torch
@@ -29,11 +28,10 @@ from tqdm import tqdm
 
 from capaware_megatron import CapacityConfig
 from capaware_megatron.multiprocess import run_gloo
-from capaware_megatron.quiet import quiet_frameworks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from timing import device_name, interleaved_rounds, quartiles  # noqa: E402
+from timing import device_name, interleaved_rounds, parse_benchmark_args, quartiles  # noqa: E402
 
 GAMMAS = (1.0, 1.5, 2.0)
 SHAPES = {  # (experts, top-k, hidden)
@@ -149,15 +147,9 @@ def main() -> None:
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--hidden", type=int, default=LAYER["hidden"])
     parser.add_argument("--ffn", type=int, default=LAYER["ffn"])
-    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
-    args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2 (the table reports quartiles)")
-    quiet_frameworks(args.verbose)
+    args = parse_benchmark_args(parser)
     LAYER.update(hidden=args.hidden, ffn=args.ffn)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    print(f"CUDA-graph decode, Megatron's E/k padding vs capaware; commit {commit}; command: "
+    print(f"CUDA-graph decode, Megatron's E/k padding vs capaware; commit {args.commit}; command: "
           f"python examples/benchmarks/bench_decode.py --tokens {' '.join(map(str, args.tokens))} "
           f"--rounds {args.rounds} "
           f"--ep {' '.join(map(str, args.ep))} --hidden {args.hidden} --ffn {args.ffn}\n")

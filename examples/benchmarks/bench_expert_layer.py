@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -27,12 +26,11 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from timing import device_name, interleaved_rounds, quartiles  # noqa: E402
+from timing import device_name, interleaved_rounds, parse_benchmark_args, quartiles  # noqa: E402
 from tiny_moe import model as tiny  # noqa: E402
 
 from capaware_megatron import CapacityConfig  # noqa: E402
 from capaware_megatron.multiprocess import run_gloo  # noqa: E402
-from capaware_megatron.quiet import quiet_frameworks  # noqa: E402
 from capaware_megatron.synthetic import skewed_routing  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOPK = 512, 1024, 8, 2
@@ -156,16 +154,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
-    args = parser.parse_args()
-    if args.rounds < 2:
-        parser.error("--rounds must be >= 2 (the table reports quartiles)")
-    quiet_frameworks(args.verbose)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    args = parse_benchmark_args(parser)
     print(f"MoE layer H={HIDDEN} F={FFN} E={EXPERTS} top-{TOPK}, {args.tokens} tokens per rank, gloo on "
           f"{device_name(torch.device('cpu'))}, 1 thread per rank; {args.rounds} interleaved rounds, "
-          f"slowest rank; commit {commit}; command: python examples/benchmarks/bench_expert_layer.py "
+          f"slowest rank; commit {args.commit}; command: python examples/benchmarks/bench_expert_layer.py "
           f"--tokens {args.tokens} --rounds {args.rounds} --ep {' '.join(map(str, args.ep))}\n")
     head = (f"{'EP':>3} {'workload':<11} {'run':<14} {'ms median':>10} {'IQR ms':>15} {'measured':>9} "
             f"{'ideal':>6} {'of ideal':>9} {'plan %':>7}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -70,3 +71,21 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     """(first quartile, median, third quartile)."""
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, median, q3
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The benchmarks' common command line: adds --verbose, parses, refuses --rounds < 2 (the
+    tables report quartiles), quiets the frameworks' notices; ``args.commit`` is the checkout's
+    short commit (the results files name it)."""
+    import subprocess
+
+    from capaware_megatron.quiet import quiet_frameworks
+
+    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
+    args = parser.parse_args()
+    if getattr(args, "rounds", 2) < 2:
+        parser.error("--rounds must be >= 2 (the table reports quartiles)")
+    quiet_frameworks(args.verbose)
+    args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip()
+    return args
