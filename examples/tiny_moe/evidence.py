@@ -1,7 +1,7 @@
 """Quality evidence on the trained tiny GPT-MoE: decode-time capacity and expert parallelism of
 2, 4 and 8, simulated in one process.
 
-    python examples/tiny_moe/evidence.py [--windows 256] [--generate-bytes 192]
+    python examples/tiny_moe/evidence.py [--windows 256] [--generate-bytes 96]
 
 Expert parallelism is simulated (capaware_megatron.simulate.plan_as_ranks, which
 tests/test_simulate.py holds to the plans of real gloo ranks at EP2 and EP4): the data path is
@@ -136,6 +136,15 @@ def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, dec
                 runs.append(("weight", "decode B32" if decode else "prefill B16",
                              CapacityConfig(gamma, policy="reroute", **fields), 2, 32 if decode else 16,
                              decode, weighting))
+    # Greedy generation first (quick), EP2 with 16 sequences per rank, decode steps capped per step.
+    prompts = windows[num_windows:num_windows + 32, :tiny.SEQ - generate_bytes]
+    generated = {}
+    settings = [("dropless", CapacityConfig(None))] + [
+        (f"{policy} g{gamma}", CapacityConfig(gamma, policy=policy)) for gamma in GAMMAS for policy in POLICIES]
+    for name, cfg in tqdm(settings, desc="generation", unit="run", dynamic_ncols=True):
+        ranks.set(cfg, 2, 16, True)
+        generated[name] = _generate(model, prompts, generate_bytes)
+    differ = {name: float((tokens != generated["dropless"]).double().mean()) for name, tokens in generated.items()}
     results = {}
     dropless = _perplexity(model, evaluation, 32)
     for section, setting, cfg, ep, per_rank, decode, *variant in tqdm(
@@ -145,15 +154,6 @@ def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, dec
         row = variant[0] if variant else cfg.policy
         results[(section, setting, row, cfg.capacity_factor)] = (
             perplexity, ranks.dropped / max(ranks.routed, 1))
-    # Greedy generation, EP2 with 16 sequences per rank, decode steps capped per step.
-    prompts = windows[num_windows:num_windows + 32, :64]
-    generated = {}
-    settings = [("dropless", CapacityConfig(None))] + [
-        (f"{policy} g{gamma}", CapacityConfig(gamma, policy=policy)) for gamma in GAMMAS for policy in POLICIES]
-    for name, cfg in tqdm(settings, desc="generation", unit="run", dynamic_ncols=True):
-        ranks.set(cfg, 2, 16, True)
-        generated[name] = _generate(model, prompts, generate_bytes)
-    differ = {name: float((tokens != generated["dropless"]).double().mean()) for name, tokens in generated.items()}
     return dropless, results, differ
 
 
@@ -175,10 +175,14 @@ def _section(results, section, dropless, rows=POLICIES):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=256, help="held-out windows of 128 bytes")
-    parser.add_argument("--generate-bytes", type=int, default=192)
+    parser.add_argument("--generate-bytes", type=int, default=96,
+                        help=f"bytes generated after a prompt of {tiny.SEQ} minus these (the model's "
+                             f"context is {tiny.SEQ} bytes)")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
     args = parser.parse_args()
+    if not 0 < args.generate_bytes < tiny.SEQ:
+        parser.error(f"--generate-bytes must be in [1, {tiny.SEQ - 1}] (the model's context is {tiny.SEQ})")
     quiet_frameworks(args.verbose)
     dropless, results, differ = run_gloo(_main, 1, args.windows, args.generate_bytes,
                                          tuple(args.decode_batches), timeout=7200)[0]
@@ -195,7 +199,8 @@ def main() -> None:
     print("\n".join(_section(results, "ep", dropless)))
     print("\n4. Reroute weighting (policy reroute, local scope, EP2; drop% = assignments lost)")
     print("\n".join(_section(results, "weight", dropless, rows=tuple(WEIGHTINGS))))
-    print(f"\n3. Greedy generation, 32 held-out prompts of 64 bytes, {args.generate_bytes} bytes each, "
+    print(f"\n3. Greedy generation, 32 held-out prompts of {tiny.SEQ - args.generate_bytes} bytes, "
+          f"{args.generate_bytes} bytes each, "
           "EP2 with 16 sequences per rank, every decode step capped: share of bytes that differ from dropless")
     for name, share in differ.items():
         if name != "dropless":
