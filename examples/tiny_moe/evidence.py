@@ -146,6 +146,7 @@ def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, dec
         generated[name] = _generate(model, prompts, generate_bytes)
     differ = {name: float((tokens != generated["dropless"]).double().mean()) for name, tokens in generated.items()}
     results = {}
+    ranks.set(CapacityConfig(None), 1, len(evaluation), False)
     dropless = _perplexity(model, evaluation, 32)
     for section, setting, cfg, ep, per_rank, decode, *variant in tqdm(
             runs, desc="evidence runs", unit="run", dynamic_ncols=True):
