@@ -31,6 +31,7 @@ from capaware_megatron.multiprocess import run_gloo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from moe_layer import build_moe_layer  # noqa: E402
 from timing import device_name, interleaved_rounds, parse_benchmark_args, quartiles  # noqa: E402
 
 GAMMAS = (1.0, 1.5, 2.0)
@@ -65,23 +66,8 @@ def _computed(tokens_per_rank: tuple[int, ...]) -> list[str]:
 
 
 def _build_layer(dispatcher: str, capaware: CapacityConfig | None, ep: int):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from capaware_megatron.megatron import set_capacity_config
-
-    config = TransformerConfig(
-        num_layers=1, hidden_size=LAYER["hidden"], num_attention_heads=8,
-        num_moe_experts=LAYER["experts"], moe_router_topk=LAYER["topk"],
-        moe_ffn_hidden_size=LAYER["ffn"], moe_token_dispatcher_type=dispatcher,
-        use_cpu_initialization=True, add_bias_linear=False, moe_router_load_balancing_type="none",
-        params_dtype=torch.float32, expert_model_parallel_size=ep,
-    )
-    if capaware is not None:
-        set_capacity_config(config, capaware)
-    torch.manual_seed(0)  # the same weights for every run
-    spec = get_gpt_layer_local_spec(num_experts=LAYER["experts"], moe_grouped_gemm=False)
-    return spec.submodules.mlp(config=config).eval()
+    return build_moe_layer(dispatcher, ep, LAYER["hidden"], LAYER["ffn"], LAYER["experts"],
+                           LAYER["topk"], capaware)
 
 
 def _padded_for_decode(layer):

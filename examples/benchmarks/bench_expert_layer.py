@@ -26,6 +26,7 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+from moe_layer import build_moe_layer  # noqa: E402
 from timing import device_name, interleaved_rounds, parse_benchmark_args, quartiles  # noqa: E402
 from tiny_moe import model as tiny  # noqa: E402
 
@@ -86,21 +87,6 @@ def _impose(layer, logits: torch.Tensor, probs: torch.Tensor, routing_map: torch
     layer.router.forward = forward
 
 
-def _layer(dispatcher: str, ep: int):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config = TransformerConfig(
-        num_layers=1, hidden_size=HIDDEN, num_attention_heads=8, num_moe_experts=EXPERTS,
-        moe_router_topk=TOPK, moe_ffn_hidden_size=FFN, moe_token_dispatcher_type=dispatcher,
-        use_cpu_initialization=True, add_bias_linear=False, moe_router_load_balancing_type="none",
-        params_dtype=torch.float32, expert_model_parallel_size=ep,
-    )
-    torch.manual_seed(0)
-    spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
-    return spec.submodules.mlp(config=config).eval()
-
-
 def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, trained: list):
     from megatron.core import parallel_state
 
@@ -112,7 +98,7 @@ def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, trained: li
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
     workloads = {"trained L0": trained[rank],
                  "zipf 1.0": _zipf_routing(tokens, 1.0, rank), "zipf 2.0": _zipf_routing(tokens, 2.0, rank)}
-    layer = _layer("capaware", world_size)
+    layer = build_moe_layer("capaware", world_size, HIDDEN, FFN, EXPERTS, TOPK)
     dispatcher = layer.token_dispatcher
     hidden = torch.randn(tokens, 1, HIDDEN, generator=torch.Generator().manual_seed(rank))
     plan, current, planning = dispatcher.plan, [None], {}
