@@ -131,6 +131,11 @@ class CapacityConfig:
         """True when the plan is the identity whatever the routing."""
         return self.policy == "none" or self.capacity_factor is None
 
+    def caps(self, training: bool) -> bool:
+        """Whether the plan caps experts for a module in this mode (training caps only with
+        apply_in_training)."""
+        return not self.is_dropless and (self.apply_in_training or not training)
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))

@@ -120,9 +120,9 @@ def plan_routing(
     if global_group is not None:
         token_offset, group_tokens, topk = _group_layout(global_group, num_tokens, topk, scores.device)
 
-    capped = not cfg.is_dropless and (cfg.apply_in_training or not training)
     # Decode guard: a step whose mean load is below min_capacity is never capped.
-    if not capped or group_tokens * topk < cfg.min_capacity * num_experts or group_tokens == 0:
+    below_guard = group_tokens * topk < cfg.min_capacity * num_experts
+    if not cfg.caps(training) or below_guard or group_tokens == 0:
         return _identity_plan(
             routing_map,
             _router_weights(probs, scores, routing_map),

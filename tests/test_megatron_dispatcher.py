@@ -148,6 +148,17 @@ def test_capacity_and_global_plan(layout_run):
         _check_group_plans(f"{name} group {group}", layout, per_rank)
 
 
+def _gathered_plan(records, local_experts, cfg):
+    """The single-process plan of the ranks' recorded [scores, routing_map, probs, plan] batches,
+    in that order, each token's own rank's experts (local_experts, per rank) for expanded."""
+    local = torch.cat([
+        torch.zeros_like(rec[1]).index_fill_(1, torch.tensor(experts), True)
+        for experts, rec in zip(local_experts, records)
+    ])
+    return plan_routing(torch.cat([rec[0] for rec in records]), torch.cat([rec[1] for rec in records]),
+                        cfg, probs=torch.cat([rec[2] for rec in records]), local_experts=local)
+
+
 def _check_group_plans(name, layout, per_rank):
     order = sorted(range(len(per_rank)), key=lambda r: per_rank[r]["tp_ep_rank"])
     for (policy, scope), _ in per_rank[0]["plans"].items():
@@ -159,16 +170,8 @@ def _check_group_plans(name, layout, per_rank):
             # The cap holds for what each expert receives from all ranks together ...
             assert int(loads.sum(0).max()) <= capacity, (name, policy)
             # ... and the plan is the single-process plan of the gathered batch.
-            scores = torch.cat([rec[0] for rec in records])
-            routing_map = torch.cat([rec[1] for rec in records])
-            probs = torch.cat([rec[2] for rec in records])
-            local = torch.cat([
-                torch.zeros_like(rec[1]).index_fill_(1, torch.tensor(per_rank[r]["local_experts"]), True)
-                for r, rec in zip(order, records)
-            ])
-            whole = plan_routing(
-                scores, routing_map, CapacityConfig(1.0, policy=policy), probs=probs, local_experts=local
-            )
+            whole = _gathered_plan(records, [per_rank[r]["local_experts"] for r in order],
+                                   CapacityConfig(1.0, policy=policy))
             assert torch.equal(torch.cat([p.routing_map for p in plans]), whole.routing_map), (name, policy)
             torch.testing.assert_close(torch.cat([p.probs for p in plans]), whole.probs)
         else:  # each rank caps its own tokens, with its own T
@@ -273,13 +276,8 @@ def test_global_plan_counts_tensor_parallel_copies_once(name):
             firsts = [next(r for r in group if min(per_rank[r]["tp_ranks"]) == s) for s in sources]
             records = [per_rank[r]["results"][config][1] for r in firsts]
             cfg = NO_SP_CONFIGS[config]
-            local = torch.cat([
-                torch.zeros_like(rec[1]).index_fill_(1, torch.tensor(per_rank[r]["local_experts"]), True)
-                for r, rec in zip(firsts, records)
-            ])
-            whole = plan_routing(torch.cat([rec[0] for rec in records]), torch.cat([rec[1] for rec in records]),
-                                 CapacityConfig(cfg.capacity_factor, policy=cfg.policy),
-                                 probs=torch.cat([rec[2] for rec in records]), local_experts=local)
+            whole = _gathered_plan(records, [per_rank[r]["local_experts"] for r in firsts],
+                                   CapacityConfig(cfg.capacity_factor, policy=cfg.policy))
             assert torch.equal(torch.cat([rec[3].routing_map for rec in records]), whole.routing_map), (name, config)
             for r in group:  # every copy plans like its set's first rank
                 first = firsts[sources.index(min(per_rank[r]["tp_ranks"]))]

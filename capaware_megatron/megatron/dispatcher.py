@@ -121,16 +121,10 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return self._routing_group
 
     @property
-    def caps(self) -> bool:
-        """Whether the plan caps experts in the layer's current mode."""
-        cfg = self.capacity_config
-        return not cfg.is_dropless and (cfg.apply_in_training or not self.training)
-
-    @property
     def sizes_padded_step(self) -> bool:
         """Megatron switched the layer to drop-and-pad (CUDA-graph decode) and the cap applies:
         the plan, not Megatron's E/k padding, sizes the step (the router then skips its own)."""
-        return self.drop_and_pad and self.caps
+        return self.drop_and_pad and self.capacity_config.caps(self.training)
 
     def plan(self, routing_map: torch.Tensor, probs: torch.Tensor) -> RoutingPlan:
         """The capacity plan of this rank's tokens; notifies plan_observers."""
