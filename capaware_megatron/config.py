@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Mapping, Optional, get_args
+from typing import Any, Literal, Mapping, Optional, Union, get_args
+
+import torch
 
 Policy = Literal["none", "drop", "reroute", "expanded"]
 Priority = Literal["score", "position", "reverse", "random"]
@@ -20,6 +22,8 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+Count = Union[int, torch.Tensor]
+"""A token count or capacity: a Python int, or a 0-dim int64 tensor when it stays on the device."""
 REROUTE_WEIGHTS: tuple[str, ...] = get_args(RerouteWeight)
 DEFAULT_REROUTE_ROUNDS = 5
 """Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
@@ -159,7 +163,14 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def expert_capacity(
-    num_tokens: int, topk: int, num_experts: int, capacity_factor: float, min_capacity: int = 0
-) -> int:
-    """C = max(ceil(T * k / E * gamma), min_capacity), Megatron-Core's formula and float order."""
+    num_tokens: Count, topk: Count, num_experts: int, capacity_factor: float, min_capacity: int = 0
+) -> Count:
+    """C = max(ceil(T * k / E * gamma), min_capacity), Megatron-Core's formula and float order.
+
+    num_tokens and topk may be 0-dim int64 tensors (a group's token count kept on the device):
+    C is then one too, computed in float64 with the same operations, so equal to the host value.
+    """
+    if isinstance(num_tokens, torch.Tensor) or isinstance(topk, torch.Tensor):
+        mean = torch.as_tensor(num_tokens * topk).double() / num_experts
+        return torch.ceil(mean * capacity_factor).long().clamp_min(min_capacity)
     return max(math.ceil((num_tokens * topk / num_experts) * capacity_factor), min_capacity)

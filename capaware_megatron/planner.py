@@ -16,10 +16,12 @@ Keys are unique, so a threshold keeps exactly the top-C candidates of a bin and 
 caller needs only the per-bin top-C keys of every rank to reproduce the single-process plan.
 
 Host synchronization: none with an ExpertLayout (or none needed), ``validate=False`` and a given
-``topk``, for every policy, priority and scope local / device; output shapes depend only on (T,
-E, k, C). Global scope reads the group's token counts once per plan (a [W] gather), since C
-depends on them, unless the group says every rank plans the same number of tokens
-(``RoutingGroup.tokens_per_rank``, CUDA-graph decode): then it has none either.
+``topk``, for every policy, priority and scope; output shapes depend only on (T, E, k, C, W).
+Global scope: when the group says every rank plans the same number of tokens
+(``RoutingGroup.tokens_per_rank``, CUDA-graph decode) C is a host int and each bin's group-wide
+threshold comes from one [B, C] gather; otherwise the ranks' token counts are exchanged as a
+[W, 2] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from a radix
+select over the group (ops.group_kth_keys: 8 gathers of [B, 256] digit counts).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from . import ops as torch_ops
-from .config import TRITON_MAX_EXPERTS, CapacityConfig, expert_capacity
+from .config import TRITON_MAX_EXPERTS, CapacityConfig, Count, expert_capacity
 from .group import RoutingGroup
 from .layout import ExpertLayout, ExpertSet
 from .ops.reroute import Bins
 
-CapacityFn = Callable[[int, int, int, float, int], int]
+CapacityFn = Callable[[Count, Count, int, float, int], Count]
 
 __all__ = ["ExpertLayout", "RoutingPlan", "plan_routing"]
 
@@ -50,7 +52,9 @@ class RoutingPlan:
         routing_map: [T, E] bool, kept and rerouted assignments.
         probs: [T, E] combine weights, 0 exactly where routing_map is False.
         capacity: C of one bin (an expert; an EP rank for scope "device"). T (or the group's token
-            count) when nothing is capped: dropless, decode guard or training.
+            count) when nothing is capped: dropless, decode guard or training. A 0-dim int64
+            tensor for scope global when the group's token counts stay on the device (eager,
+            no RoutingGroup.tokens_per_rank); an int otherwise.
         tokens_per_expert_before: [E] int64, assignments per expert in the router's map.
         tokens_per_expert_after: [E] int64, assignments per expert in the plan.
         num_dropped: 0-dim int64, router assignments that lost their expert and found no other.
@@ -59,7 +63,7 @@ class RoutingPlan:
 
     routing_map: torch.Tensor
     probs: torch.Tensor
-    capacity: int
+    capacity: Count
     tokens_per_expert_before: torch.Tensor
     tokens_per_expert_after: torch.Tensor
     num_dropped: torch.Tensor
@@ -116,13 +120,16 @@ def plan_routing(
     bins = _bins(cfg, layout, num_experts, scores.device)
     local_mask = _local_mask(cfg, layout, local_experts, num_tokens, num_experts)
 
-    token_offset, group_tokens = 0, num_tokens
+    token_offset, group_tokens, group_topk = 0, num_tokens, topk
     if global_group is not None:
-        token_offset, group_tokens, topk = _group_layout(global_group, num_tokens, topk, scores.device)
+        token_offset, group_tokens, group_topk = _group_layout(
+            global_group, num_tokens, topk, scores.device)
+    # The group's counts on the device (global scope, eager): C and the guard stay there too.
+    counted_on_device = isinstance(group_tokens, torch.Tensor)
 
     # Decode guard: a step whose mean load is below min_capacity is never capped.
-    below_guard = group_tokens * topk < cfg.min_capacity * num_experts
-    if not cfg.caps(training) or below_guard or group_tokens == 0:
+    below_guard = group_tokens * group_topk < cfg.min_capacity * num_experts
+    if not cfg.caps(training) or (not counted_on_device and (below_guard or group_tokens == 0)):
         return _identity_plan(
             routing_map,
             _router_weights(probs, scores, routing_map),
@@ -132,7 +139,7 @@ def plan_routing(
 
     capacity = capacity_fn(
         group_tokens,
-        topk,
+        group_topk,
         bins.num_bins,
         cfg.capacity_factor,
         cfg.min_capacity * bins.experts_per_bin,
@@ -144,6 +151,9 @@ def plan_routing(
     )
     if global_group is None:
         thresholds = ops.bin_thresholds(state, bins.experts, capacity)
+    elif counted_on_device:
+        kth = capacity.expand(bins.num_bins)
+        thresholds = torch_ops.group_kth_keys(ops.bin_major(state, bins.experts), kth, global_group)
     else:
         top = torch_ops.group_top_keys(ops.bin_top_keys(state, bins.experts, capacity), global_group)
         thresholds = top[:, capacity - 1]
@@ -172,7 +182,7 @@ def plan_routing(
         new_probs = torch.where(new_map, torch.where(routing_map, router, others.to(router.dtype)), 0)
     if cfg.renormalize:
         new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
-    return RoutingPlan(
+    plan = RoutingPlan(
         routing_map=new_map,
         probs=new_probs,
         capacity=capacity,
@@ -181,6 +191,15 @@ def plan_routing(
         num_dropped=num_dropped,
         num_rerouted=num_rerouted,
     )
+    if counted_on_device:  # the guard, decided on the device: the identity plan where it holds
+        identity = _identity_plan(
+            routing_map,
+            _router_weights(probs, scores, routing_map),
+            group_tokens * bins.experts_per_bin,
+            tokens_before,
+        )
+        plan = _where(below_guard, identity, plan)
+    return plan
 
 
 def _router_weights(
@@ -198,13 +217,13 @@ def _needs_grad(scores: torch.Tensor, probs: Optional[torch.Tensor]) -> bool:
 
 def _group_layout(
     group: RoutingGroup, num_tokens: int, topk: int, device: torch.device
-) -> tuple[int, int, int]:
-    """(this rank's first token index, the group's token count, the group's k): one gather, or
-    none when the group's ranks plan a static, equal number of tokens.
+) -> tuple[Count, Count, Count]:
+    """(this rank's first token index, the group's token count, the group's k).
 
-    A rank without tokens cannot infer k, so k comes from the ranks that have tokens; ranks that
-    disagree raise the same error everywhere (no rank is left waiting in a collective). Read on
-    the host: C depends on the group's token count.
+    Ranks that plan a static, equal number of tokens (``tokens_per_rank``) exchange nothing and
+    get host ints. Otherwise one fixed [W, 2] gather, kept on the device as 0-dim tensors: C
+    follows from them there and nothing waits for the host. A rank without tokens cannot infer
+    k, so k comes from the ranks that have tokens; ranks that disagree trip a device assert.
     """
     if group.tokens_per_rank is not None:
         if num_tokens != group.tokens_per_rank:
@@ -214,12 +233,14 @@ def _group_layout(
             )
         return group.rank * num_tokens, group.world_size * num_tokens, topk
     mine = torch.tensor([num_tokens, topk if num_tokens else 0], device=device)
-    layout = group.all_gather(mine).cpu()
-    counts, ks = layout[:, 0], layout[:, 1][layout[:, 0] > 0]
-    if ks.numel() and bool((ks != ks[0]).any()):
-        raise ValueError(f"ranks of the group route with different top-k: {ks.tolist()}")
-    group_topk = int(ks[0]) if ks.numel() else topk
-    return int(counts[: group.rank].sum()), int(counts.sum()), group_topk
+    layout = group.all_gather(mine)  # [W, 2]: tokens and k of every rank
+    counts, ks = layout[:, 0], layout[:, 1]
+    group_topk = ks.amax()
+    torch._assert_async(
+        ((ks == group_topk) | (ks == 0)).all(), "ranks of the group route with different top-k"
+    )
+    group_topk = torch.where(group_topk > 0, group_topk, topk)
+    return counts[: group.rank].sum(), counts.sum(), group_topk
 
 
 def _identity_plan(
@@ -235,6 +256,15 @@ def _identity_plan(
         num_dropped=zero,
         num_rerouted=zero.clone(),
     )
+
+
+def _where(condition: torch.Tensor, chosen: RoutingPlan, otherwise: RoutingPlan) -> RoutingPlan:
+    """The plan `chosen` where the 0-dim bool `condition` holds, else `otherwise`, field by field
+    on the device."""
+    return RoutingPlan(*(
+        torch.where(condition, getattr(chosen, name), getattr(otherwise, name))
+        for name in RoutingPlan.__dataclass_fields__
+    ))
 
 
 def _renormalize(new_probs: torch.Tensor, old_probs: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ required; that allows for example 8M tokens at E = 512.
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 NOT_ROUTED = torch.iinfo(torch.int64).min
@@ -48,8 +50,19 @@ def random_priority(flat_index: torch.Tensor, seed: int) -> torch.Tensor:
     return lowbias32(flat_index ^ random_salt(seed)) - 2**31
 
 
-def check_key_range(token_offset: int, num_tokens: int, num_experts: int) -> None:
-    """Every t * E + e must stay below 2**32 - 1 for the keys to be unique and ordered."""
+def check_key_range(token_offset: Union[int, torch.Tensor], num_tokens: int, num_experts: int) -> None:
+    """Every t * E + e must stay below 2**32 - 1 for the keys to be unique and ordered.
+
+    A token_offset on the device (a 0-dim tensor: the group's counts were not read) is checked
+    there: an asynchronous device assert, which does not wait for the host.
+    """
+    if isinstance(token_offset, torch.Tensor):
+        torch._assert_async(
+            (token_offset + num_tokens) * num_experts < MAX_ASSIGNMENTS,
+            f"(token_offset + T) * E must stay below {MAX_ASSIGNMENTS}: priority keys cannot order "
+            "more assignments",
+        )
+        return
     if (token_offset + num_tokens) * num_experts >= MAX_ASSIGNMENTS:
         raise ValueError(
             f"(token_offset + T) * E = {(token_offset + num_tokens) * num_experts} must stay below "
@@ -67,7 +80,7 @@ def assignment_keys(
     candidates: torch.Tensor,
     priority: str,
     seed: int = 0,
-    token_offset: int = 0,
+    token_offset: Union[int, torch.Tensor] = 0,
 ) -> torch.Tensor:
     """Keys of every candidate assignment, NOT_ROUTED elsewhere.
 
@@ -76,7 +89,8 @@ def assignment_keys(
         candidates: [T, E] bool, the assignments competing for capacity.
         priority: "score" | "position" | "reverse" | "random".
         seed: seed of "random".
-        token_offset: index of this rank's first token in the group (global scope).
+        token_offset: index of this rank's first token in the group (global scope): an int, or
+            a 0-dim int64 tensor on the scores' device.
 
     Returns:
         [T, E] int64.

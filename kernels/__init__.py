@@ -32,6 +32,7 @@ if _version_tuple(triton.__version__) < MIN_TRITON:
 from .permute import permutation_indices
 from .routing_plan import (
     CandidateLists,
+    bin_major,
     bin_thresholds,
     bin_top_keys,
     collect_candidates,
@@ -40,6 +41,7 @@ from .routing_plan import (
 
 __all__ = [
     "CandidateLists",
+    "bin_major",
     "bin_thresholds",
     "bin_top_keys",
     "collect_candidates",

@@ -23,6 +23,8 @@ those of over-full bins.
     K3 _drop_kernel     lists, thresholds -> clears keep/weights of the keys below their bin's
                         threshold, kept counts [E] int64, and (reroute) the dropped keys.
                         grid (E,); an expert of a bin below capacity stores its count and stops.
+    bin_major           (torch ops on the lists) every bin's keys in one row, for the group-wide
+                        radix select of global scope when C stays on the device.
 
 A key's low 32 bits encode (t + token_offset) * E + e, so the lists need no token column.
 """
@@ -30,7 +32,7 @@ A key's low 32 bits encode (t + token_offset) * E + e, so the lists need no toke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -49,12 +51,13 @@ class CandidateLists:
     Attributes:
         keys: [E, T] int64; row e holds counts[e] keys of expert e's candidates, unordered.
         counts: [E] int32, candidates per expert.
-        token_offset: index of this rank's first token in the group (decodes keys to tokens).
+        token_offset: index of this rank's first token in the group (decodes keys to tokens):
+            an int, or a 0-dim int64 tensor on the device.
     """
 
     keys: torch.Tensor
     counts: torch.Tensor
-    token_offset: int
+    token_offset: Union[int, torch.Tensor]
 
 
 @triton.jit
@@ -107,10 +110,13 @@ def _collect_kernel(
     salt,
     PRIORITY: tl.constexpr,
     HAS_PROBS: tl.constexpr,
+    OFFSET_IN_MEMORY: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    if OFFSET_IN_MEMORY:  # a device tensor (the group's counts were never read on the host)
+        token_offset = tl.load(token_offset).to(tl.int64)
     token = (pid * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]
     in_rows = token < num_tokens
     for e0 in range(0, num_experts, BLOCK_E):
@@ -223,9 +229,12 @@ def _drop_kernel(
     num_tokens,
     num_experts,
     token_offset,
+    OFFSET_IN_MEMORY: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     expert = tl.program_id(0).to(tl.int64)
+    if OFFSET_IN_MEMORY:
+        token_offset = tl.load(token_offset).to(tl.int64)
     count = tl.load(counts_ptr + expert)
     threshold = tl.load(thresholds_ptr + tl.load(expert_to_bin_ptr + expert))
     dropped = 0
@@ -270,7 +279,7 @@ def collect_candidates(
     probs: Optional[torch.Tensor],
     priority: str,
     seed: int = 0,
-    token_offset: int = 0,
+    token_offset: Union[int, torch.Tensor] = 0,
 ) -> tuple[CandidateLists, torch.Tensor, torch.Tensor]:
     """Triton twin of capaware_megatron.ops.collect_candidates: (lists, keep, weights).
 
@@ -308,6 +317,7 @@ def collect_candidates(
         map_bytes.stride(0), map_bytes.stride(1), probs.stride(0), probs.stride(1),
         token_offset, random_salt(seed),
         PRIORITY=PRIORITY_CODES[priority], HAS_PROBS=probs is not scores,
+        OFFSET_IN_MEMORY=isinstance(token_offset, torch.Tensor),
         BLOCK_T=block_t, BLOCK_E=block_e,
     )
     return lists, keep, weights
@@ -352,6 +362,15 @@ def bin_top_keys(lists: CandidateLists, bin_experts: torch.Tensor, capacity: int
     return _select(lists, bin_experts, capacity, write_top=True)[1]
 
 
+def bin_major(lists: CandidateLists, bin_experts: torch.Tensor) -> torch.Tensor:
+    """[B, m * T] int64: every bin's keys in one row, NOT_ROUTED past each list's count (global
+    scope with C on the device: capaware_megatron.ops.group_kth_keys selects from them)."""
+    num_experts, num_tokens = lists.keys.shape
+    positions = torch.arange(num_tokens, device=lists.keys.device)
+    keys = lists.keys.masked_fill(positions >= lists.counts.unsqueeze(1), NOT_ROUTED)
+    return keys[bin_experts.to(keys.device)].reshape(bin_experts.shape[0], -1)
+
+
 def drop_below(
     lists: CandidateLists,
     thresholds: torch.Tensor,
@@ -372,6 +391,7 @@ def drop_below(
     _drop_kernel[(num_experts,)](
         lists.keys, lists.counts, expert_to_bin.to(device=device, dtype=torch.int64).contiguous(),
         thresholds.contiguous(), keep.view(torch.int8), weights, kept,
-        num_tokens, num_experts, lists.token_offset, BLOCK=1024,
+        num_tokens, num_experts, lists.token_offset,
+        OFFSET_IN_MEMORY=isinstance(lists.token_offset, torch.Tensor), BLOCK=1024,
     )
     return keep, weights, kept

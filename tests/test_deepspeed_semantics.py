@@ -89,7 +89,8 @@ def test_default_weights_keep_the_pre_cap_weight(k):
 
 
 def test_capacity_formula_is_deepspeeds():
-    """DeepSpeed's float32 ceil(fp32(T/E) * fp32(gamma*k)), including where float64 rounds lower."""
+    """DeepSpeed's float32 ceil(fp32(T/E) * fp32(gamma*k)), including where float64 rounds lower,
+    from host ints and from 0-dim tensors alike."""
     differ = 0
     for num_tokens in range(1, 65, 3):
         for num_experts in (1, 3, 8, 16):
@@ -98,6 +99,9 @@ def test_capacity_formula_is_deepspeeds():
                     gates = torch.empty(num_tokens, num_experts)
                     want = int(sharded_moe._capacity(gates, torch.tensor(gamma * k), torch.tensor(2)))
                     assert deepspeed_capacity(num_tokens, k, num_experts, gamma, 2) == want
+                    # The same formula on counts kept on the device (global scope, eager).
+                    on_device = deepspeed_capacity(torch.tensor(num_tokens), torch.tensor(k), num_experts, gamma, 2)
+                    assert on_device.dtype == torch.int64 and int(on_device) == want
                     differ += expert_capacity(num_tokens, k, num_experts, gamma, 2) != want
     assert differ > 0, "the grid must hold points where the two formulas round apart"
     assert expert_capacity(25, 4, 8, 1.2) == 15

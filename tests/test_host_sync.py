@@ -1,10 +1,11 @@
-"""No host synchronization in the per-forward plan: every policy, priority and scope local /
-device, torch and Triton backends (host code; kernels under the interpreter), and the plan steps
+"""No host synchronization in the per-forward plan: every policy, priority and scope (global
+over gloo ranks with uneven token counts), torch and Triton backends (host code; kernels under the interpreter), and the plan steps
 of the Megatron dispatcher and the DeepSpeed gate. The recorder fails on every op that would
 copy device data to the host on a GPU (tests/host_sync.py); a planted one proves it watches."""
 
 import importlib.util
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,6 +52,45 @@ def test_the_recorder_sees_host_syncs():
         torch.nonzero(routing_map)
     ops = [op for op, _ in recorder.ops]
     assert "Tensor.__bool__" in ops and "aten.index with a boolean mask" in ops and "aten.nonzero" in ops
+
+
+GLOBAL_SHARDS = [100, 156]  # uneven: the eager group's counts differ per rank
+
+
+def _global_plan_syncs(rank, world_size, configs):
+    from capaware_megatron import RoutingGroup
+
+    scores, routing_map = skewed_routing(sum(GLOBAL_SHARDS), NUM_EXPERTS, TOPK, skew=2.0)
+    mine = slice(sum(GLOBAL_SHARDS[:rank]), sum(GLOBAL_SHARDS[: rank + 1]))
+    group = RoutingGroup.from_process_group()
+    layout = ExpertLayout.build(NUM_EXPERTS, torch.arange(NUM_EXPERTS) // 4, range(4 * rank, 4 * rank + 4))
+    results = []
+    for cfg in configs:
+        with HostSyncRecorder() as syncs:
+            plan = plan_routing(scores[mine], routing_map[mine], cfg, layout=layout, topk=TOPK,
+                                group=group, validate=False)
+        results.append((syncs.ops, plan.routing_map))
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_global_plan_has_no_host_sync(backend):
+    """Scope global in eager steps (every rank its own token count): the counts, C and the
+    thresholds stay on the device, for every policy and priority; still the single-process plan."""
+    configs = [
+        CapacityConfig(1.0, policy=policy, priority=priority, scope="global", backend=backend)
+        for policy in ["drop", "reroute", "expanded"]
+        for priority in ["score", "position", "reverse", "random"]
+    ]
+    per_rank = run_gloo(_global_plan_syncs, 2, configs)
+    scores, routing_map = skewed_routing(sum(GLOBAL_SHARDS), NUM_EXPERTS, TOPK, skew=2.0)
+    owner = torch.repeat_interleave(torch.arange(2), torch.tensor(GLOBAL_SHARDS))
+    local = (torch.arange(NUM_EXPERTS) // 4).unsqueeze(0) == owner.unsqueeze(1)  # rank r: 4r..4r+3
+    for i, cfg in enumerate(configs):
+        assert [per_rank[r][i][0] for r in range(2)] == [[], []], cfg
+        whole = plan_routing(scores, routing_map, replace(cfg, backend="torch"), local_experts=local)
+        assert torch.equal(torch.cat([per_rank[r][i][1] for r in range(2)]), whole.routing_map), cfg
+        assert not torch.equal(whole.routing_map, routing_map), "the cap must bind"
 
 
 def _dispatcher_plan_syncs(rank, world_size, policy, scope):

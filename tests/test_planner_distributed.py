@@ -9,6 +9,8 @@ from reference import reference_plan
 from capaware_megatron.synthetic import skewed_routing
 
 from capaware_megatron import CapacityConfig, RoutingGroup, plan_routing
+from capaware_megatron.ops import group_kth_keys
+from capaware_megatron.priority import NOT_ROUTED
 
 NUM_EXPERTS, TOPK = 8, 2
 
@@ -40,7 +42,7 @@ def _plan_on_rank(rank, world_size, configs):
             local_experts=local[mine], expert_to_rank=expert_to_rank, group=group,
         )
         results.append(
-            (plan.routing_map, plan.probs, plan.capacity, int(plan.num_dropped), int(plan.num_rerouted))
+            (plan.routing_map, plan.probs, int(plan.capacity), int(plan.num_dropped), int(plan.num_rerouted))
         )
     return results
 
@@ -52,7 +54,12 @@ def test_global_scope_equals_single_process(world_size):
         for policy in ["drop", "reroute", "expanded"]
         for scope in ["global"]
         for priority in ["score", "random"]
-    ] + [CapacityConfig(0.75, policy="reroute", scope="global", priority="position")]
+    ] + [
+        CapacityConfig(0.75, policy="reroute", scope="global", priority="position"),
+        # The decode guard, decided on the device: these plans are the identity.
+        CapacityConfig(1.0, policy="expanded", scope="global", min_capacity=60),
+        CapacityConfig(1.0, policy="reroute", scope="global", min_capacity=60, renormalize=True),
+    ]
     scores, routing_map, local, expert_to_rank = _batch(world_size)
     per_rank = run_gloo(_plan_on_rank, world_size, configs)
     for i, cfg in enumerate(configs):
@@ -88,3 +95,27 @@ def test_global_scope_triton_backend_equals_torch():
         assert torch.equal(got_map, whole.routing_map), cfg
         assert torch.equal(got_probs, whole.probs), cfg
         assert sum(r[i][3] for r in per_rank) == int(whole.num_dropped)
+
+
+def _rank_keys(rank, num_bins=5):
+    """This rank's [B, L] unique keys (L differs per rank, rank 1 has none), NOT_ROUTED holes."""
+    gen = torch.Generator().manual_seed(rank)
+    length = [23, 0, 41][rank]
+    keys = torch.randint(-2**40, 2**40, (num_bins, length), generator=gen) * 4 + rank
+    return keys.masked_fill(torch.rand(num_bins, length, generator=gen) < 0.2, NOT_ROUTED)
+
+
+def _kth_on_rank(rank, world_size, kth):
+    return group_kth_keys(_rank_keys(rank), kth, RoutingGroup.from_process_group())
+
+
+def test_group_kth_keys_selects_over_the_ranks():
+    """Each bin's kth-largest key of all ranks' keys together, on every rank alike."""
+    kth = torch.tensor([1, 7, 30, 51, 80])  # the last two exceed some bins' group-wide count
+    results = run_gloo(_kth_on_rank, 3, kth)
+    merged = torch.cat([_rank_keys(rank) for rank in range(3)], dim=1)
+    for b, k in enumerate(kth.tolist()):
+        real = sorted((v for v in merged[b].tolist() if v != NOT_ROUTED), reverse=True)
+        want = real[k - 1] if k <= len(real) else NOT_ROUTED
+        assert [int(r[b]) for r in results] == [want] * 3, (b, k)
+    assert any(int(results[0][b]) == NOT_ROUTED for b in range(5))

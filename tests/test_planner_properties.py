@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from capaware_megatron import CapacityConfig, plan_routing
+from capaware_megatron import CapacityConfig, RoutingGroup, expert_capacity, plan_routing
+from capaware_megatron.ops import group_kth_keys
+from capaware_megatron.priority import NOT_ROUTED
 
 
 @st.composite
@@ -134,3 +136,41 @@ def test_deterministic_for_a_fixed_seed(case, other_seed):
     first, second = _plan(*case), _plan(*case)
     assert torch.equal(first.routing_map, second.routing_map)
     assert torch.equal(first.probs, second.probs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    num_tokens=st.integers(0, 2**24), topk=st.integers(1, 16), num_bins=st.integers(1, 512),
+    gamma=st.floats(0.01, 8.0), min_capacity=st.integers(0, 8),
+)
+def test_capacity_on_the_device_equals_the_host_formula(num_tokens, topk, num_bins, gamma, min_capacity):
+    """Global scope keeps the group's token count on the device: C computed there must be the
+    host formula's (Megatron-Core's float64 order), or ranks and frameworks would disagree."""
+    host = expert_capacity(num_tokens, topk, num_bins, gamma, min_capacity)
+    device = expert_capacity(torch.tensor(num_tokens), torch.tensor(topk), num_bins, gamma, min_capacity)
+    assert device.dtype == torch.int64 and device.dim() == 0 and int(device) == host
+
+
+_ALONE = RoutingGroup(0, 1, lambda tensor: tensor.unsqueeze(0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    num_bins=st.integers(1, 6), length=st.integers(0, 40), seed=st.integers(0, 2**16),
+    spread=st.sampled_from([4, 2**20, 2**62]), data=st.data(),
+)
+def test_group_kth_keys_is_the_kth_largest(num_bins, length, seed, spread, data):
+    """The radix select over digit histograms equals sorting: keys over the whole int64 range
+    (random priority reaches both signs) or crowded in a few values' low bits, NOT_ROUTED
+    padding, kth beyond what a bin holds (NOT_ROUTED)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randint(-spread, spread, (num_bins, length), generator=gen, dtype=torch.int64)
+    # Unique per bin, as priority keys are: distinct low bits.
+    keys = keys * 64 + torch.arange(length).remainder(64)
+    keys = keys.masked_fill(torch.rand(num_bins, length, generator=gen) < 0.3, NOT_ROUTED)
+    kth = torch.tensor(data.draw(st.lists(st.integers(1, length + 2), min_size=num_bins, max_size=num_bins)))
+    got = group_kth_keys(keys, kth, _ALONE)
+    for b in range(num_bins):
+        real = sorted((int(v) for v in keys[b] if int(v) != NOT_ROUTED), reverse=True)
+        want = real[int(kth[b]) - 1] if int(kth[b]) <= len(real) else NOT_ROUTED
+        assert int(got[b]) == want

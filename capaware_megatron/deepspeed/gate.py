@@ -34,21 +34,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.sharded_moe import TopKGate, gumbel_rsample, multiplicative_jitter
 
-from ..config import CapacityConfig
+from ..config import CapacityConfig, Count
 from ..group import RoutingGroup
 from ..layout import ExpertLayout
 from ..planner import RoutingPlan, plan_routing
 
 
 def deepspeed_capacity(
-    num_tokens: int, topk: int, num_experts: int, capacity_factor: float, min_capacity: int = 0
-) -> int:
+    num_tokens: Count, topk: Count, num_experts: int, capacity_factor: float, min_capacity: int = 0
+) -> Count:
     """C = max(ceil(fp32(T / E) * fp32(gamma * k)), min_capacity): DeepSpeed's ``_capacity``.
 
     DeepSpeed multiplies in float32 (a Python float times a 0-dim float32 tensor), which rounds
     differently from Megatron-Core's float64 ``ceil(T * k / E * gamma)`` at some points (T=25,
-    E=8, k=4, gamma=1.2: 16 here, 15 there). Python and numpy scalars only: nothing to synchronize.
+    E=8, k=4, gamma=1.2: 16 here, 15 there). Host counts: Python and numpy scalars; counts kept
+on the device (0-dim tensors): the same float32 operations in torch, nothing read back.
     """
+    if isinstance(num_tokens, torch.Tensor) or isinstance(topk, torch.Tensor):  # on the device
+        mean = (torch.as_tensor(num_tokens).double() / num_experts).float()
+        product = mean * (torch.as_tensor(topk).double() * capacity_factor).float()
+        return torch.ceil(product).long().clamp_min(min_capacity)
     product = np.float32(num_tokens / num_experts) * np.float32(capacity_factor * topk)  # float32 * float32
     return max(math.ceil(product), min_capacity)
 

@@ -10,7 +10,8 @@ shapes depend only on (T, E, C): no host synchronization, so a CUDA graph can ho
 The exact serial greedy (each overflow assignment in priority order takes the best expert with
 room) is the tests' reference and the benchmarks' yardstick (tests/reference.py), not this path.
 With global scope the rooms and thresholds are the group's, from fixed-size collectives
-([B] room, [B, C] top proposal keys per round), so every rank commits the same placements.
+([B] room, [B, C] top proposal keys per round; with C on the device, the room-th key by radix
+select: 8 [B, 256] gathers per round), so every rank commits the same placements.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Optional
 
 import torch
 
+from ..config import Count
 from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, assignment_keys
-from .routing_plan import bin_major, group_top_keys, top_keys
+from .routing_plan import bin_major, group_kth_keys, group_top_keys, top_keys
 
 @dataclass(frozen=True)
 class Bins:
@@ -61,12 +63,12 @@ def reroute(
     weights: torch.Tensor,
     kept_per_expert: torch.Tensor,
     bins: Bins,
-    capacity: int,
+    capacity: Count,
     rounds: int,
     priority: str,
     topk: int,
     seed: int = 0,
-    token_offset: int = 0,
+    token_offset: Count = 0,
     group: Optional[RoutingGroup] = None,
     carried: Optional[torch.Tensor] = None,
 ) -> Rerouted:
@@ -77,7 +79,8 @@ def reroute(
         routing_map: [T, E] bool, the router's top-k; kept_map: [T, E] bool, what drop kept.
         weights: [T, E] the kept assignments' weights.
         kept_per_expert: [E] int64, this rank's kept assignments per expert.
-        bins, capacity: the cap C per bin; rounds: how many proposal rounds.
+        bins, capacity: the cap C per bin (a 0-dim tensor when it stays on the device: global
+            scope, eager); rounds: how many proposal rounds.
         priority, seed, token_offset: the priority keys of the pending assignments.
         topk: k; a token has at most k pending assignments (its router picks).
         group: global scope's ranks (room and acceptance are group-wide), or None.
@@ -135,13 +138,20 @@ def _accept(
     bin_experts: torch.Tensor,
     bins: Bins,
     room: torch.Tensor,
-    capacity: int,
+    capacity: Count,
     group: Optional[RoutingGroup],
 ) -> torch.Tensor:
-    """[T, E] bool: the proposals each bin accepts, its `room` largest keys (room <= capacity)."""
-    top = top_keys(bin_major(keys, bin_experts), capacity)  # [B, C] descending
-    if group is not None:
-        top = group_top_keys(top, group)
-    threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
+    """[T, E] bool: the proposals each bin accepts, its `room` largest keys (room <= capacity).
+
+    A capacity on the device (global scope, eager) sizes no [B, C] gather: the group selects the
+    room-th key by radix (group_kth_keys) instead."""
+    rows = bin_major(keys, bin_experts)
+    if isinstance(capacity, torch.Tensor):
+        threshold = group_kth_keys(rows, room, group)
+    else:
+        top = top_keys(rows, capacity)  # [B, C] descending
+        if group is not None:
+            top = group_top_keys(top, group)
+        threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
     has_room = (room > 0)[bins.expert_to_bin]
     return (keys >= threshold[bins.expert_to_bin]) & (keys != NOT_ROUTED) & has_room

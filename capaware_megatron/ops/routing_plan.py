@@ -5,6 +5,8 @@
                         expanded drop's local candidates take their score
     bin_thresholds      [B] int64, the C-th largest key of each bin
     bin_top_keys        [B, C] int64, each bin's largest keys (global scope gathers them)
+    bin_major           [B, T * m] int64, each bin's keys in one row (global scope, C on the
+                        device: group_kth_keys selects from them)
     drop_below          clears candidates with key < threshold -> exactly min(C, load) per bin
 
 The candidate state of this backend is the [T, E] int64 key matrix (NOT_ROUTED off the
@@ -14,12 +16,14 @@ of device ops whose output shapes depend only on (T, E, C): no host synchronizat
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, assignment_keys
+
+_SIGN_BIT = NOT_ROUTED  # int64 with only the sign bit set
 
 
 def router_or_score(
@@ -47,7 +51,7 @@ def collect_candidates(
     probs: Optional[torch.Tensor],
     priority: str,
     seed: int = 0,
-    token_offset: int = 0,
+    token_offset: Union[int, torch.Tensor] = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys [T, E] int64, keep [T, E] bool, weights [T, E]): the plan before capacity.
 
@@ -80,6 +84,38 @@ def group_top_keys(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
     num_bins, capacity = top.shape
     merged = group.all_gather(top).permute(1, 0, 2).reshape(num_bins, -1)  # [B, W * C]
     return top_keys(merged, capacity)
+
+
+def group_kth_keys(rows: torch.Tensor, kth: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
+    """[B, L] this rank's keys per bin, kth [B] int64 -> [B] the kth-largest key of each bin
+    over the group (NOT_ROUTED where the group holds fewer than kth).
+
+    For a kth that stays on the device (C from the group's token counts, which are never read
+    on the host), so no [B, C] gather can be sized: a radix select over the keys' bit pattern,
+    8-bit digits from the top, as the Triton select kernel runs within a bin, with each digit's
+    [B, 256] histogram summed over the group: 8 fixed-size gathers, the same on every rank.
+    """
+    num_bins = rows.shape[0]
+    device = rows.device
+    real = rows != NOT_ROUTED
+    unsigned = rows ^ _SIGN_BIT  # the sign bit flipped: digits compare in unsigned order
+    digits = torch.arange(256, device=device)
+    prefix = torch.zeros(num_bins, dtype=torch.int64, device=device)  # the digits found so far
+    remaining = kth.to(torch.int64)  # the rank still sought among the keys that share `prefix`
+    total = torch.zeros_like(prefix)
+    for step in range(8):
+        shift = 56 - 8 * step
+        matches = real if step == 0 else real & ((unsigned & (-1 << (shift + 8))) == prefix[:, None])
+        digit = (unsigned >> shift) & 255
+        hist = torch.zeros(num_bins, 256, dtype=torch.int64, device=device)
+        hist = group.all_gather(hist.scatter_add_(1, digit, matches.long())).sum(0)  # [B, 256]
+        if step == 0:
+            total = hist.sum(1)
+        at_least = hist.flip(1).cumsum(1).flip(1)  # keys with this digit or a larger one
+        chosen = torch.where(at_least >= remaining[:, None], digits, 0).amax(1)
+        remaining = remaining - torch.where(digits > chosen[:, None], hist, 0).sum(1)
+        prefix = prefix | (chosen << shift)
+    return torch.where(total >= kth, prefix ^ _SIGN_BIT, NOT_ROUTED)
 
 
 def drop_below(
