@@ -18,11 +18,13 @@ ExpertSet = Union[Sequence[int], torch.Tensor]
 @dataclass(frozen=True, eq=False)
 class ExpertLayout:
     """expert_to_rank [E] int64 (every EP rank 0..R-1 hosts E/R experts), num_ranks R, and
-    local_experts [E] bool (this rank's experts; None when unknown)."""
+    local_experts [E] bool (this rank's experts; None when unknown), num_local of them."""
 
     expert_to_rank: torch.Tensor
     num_ranks: int
     local_experts: Optional[torch.Tensor] = None
+    num_local: int = 0
+    """How many experts local_experts marks (counted once, at build)."""
     _copies: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -64,7 +66,8 @@ class ExpertLayout:
                 "expert_to_rank must give every EP rank 0..R-1 the same number of experts, "
                 f"got counts {per_rank.tolist()}"
             )
-        return cls(mapping, num_ranks, _local_mask(local_experts, num_experts))
+        local = _local_mask(local_experts, num_experts)
+        return cls(mapping, num_ranks, local, 0 if local is None else int(local.sum()))
 
     def to(self, device: torch.device) -> "ExpertLayout":
         """This layout's tensors on `device` (copied once per device, then reused)."""
@@ -74,7 +77,8 @@ class ExpertLayout:
         key = str(device)
         if key not in self._copies:
             local = None if self.local_experts is None else self.local_experts.to(device)
-            self._copies[key] = ExpertLayout(self.expert_to_rank.to(device), self.num_ranks, local)
+            self._copies[key] = ExpertLayout(
+                self.expert_to_rank.to(device), self.num_ranks, local, self.num_local)
         return self._copies[key]
 
 

@@ -147,13 +147,15 @@ def plan_routing(
     candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
     ops = _ops_for(cfg.backend, scores)
     state, keep, weights = ops.collect_candidates(
-        scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset
+        scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset,
+        _max_candidates(cfg, topk, layout, local_mask),
     )
     if global_group is None:
         thresholds = ops.bin_thresholds(state, bins.experts, capacity)
     elif counted_on_device:
-        kth = capacity.expand(bins.num_bins)
-        thresholds = torch_ops.group_kth_keys(ops.bin_major(state, bins.experts), kth, global_group)
+        keys, key_bins = ops.bin_items(state, bins.expert_to_bin)
+        thresholds = torch_ops.kth_largest(
+            keys, key_bins, bins.num_bins, capacity.expand(bins.num_bins), global_group)
     else:
         top = torch_ops.group_top_keys(ops.bin_top_keys(state, bins.experts, capacity), global_group)
         thresholds = top[:, capacity - 1]
@@ -397,6 +399,18 @@ def _layout(
     return ExpertLayout.build(
         num_experts, expert_to_rank if needs_ranks else None, local_experts if needs_local else None
     ).to(device)
+
+
+def _max_candidates(
+    cfg: CapacityConfig, topk: int, layout: Optional[ExpertLayout], local_mask: Optional[torch.Tensor]
+) -> Optional[int]:
+    """The most candidates a token has: its k picks, plus its device's experts for expanded
+    drop (known from the layout; a per-token mask gives no bound: None)."""
+    if cfg.policy != "expanded":
+        return topk
+    if local_mask is not None and local_mask.dim() == 1:
+        return topk + layout.num_local
+    return None
 
 
 def _bins(cfg: CapacityConfig, layout: Optional[ExpertLayout], num_experts: int, device: torch.device) -> Bins:

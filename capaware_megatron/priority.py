@@ -97,9 +97,47 @@ def assignment_keys(
     """
     num_tokens, num_experts = scores.shape
     check_key_range(token_offset, num_tokens, num_experts)
-    device = scores.device
-    token = torch.arange(num_tokens, device=device, dtype=torch.int64).unsqueeze(1) + token_offset
-    expert = torch.arange(num_experts, device=device, dtype=torch.int64).unsqueeze(0)
+    expert = torch.arange(num_experts, device=scores.device, dtype=torch.int64).unsqueeze(0)
+    keys = _keys(scores, expert, num_experts, priority, seed, token_offset)
+    return keys.masked_fill(~candidates, NOT_ROUTED)
+
+
+def listed_keys(
+    scores: torch.Tensor,
+    experts: torch.Tensor,
+    listed: torch.Tensor,
+    priority: str,
+    seed: int = 0,
+    token_offset: Union[int, torch.Tensor] = 0,
+) -> torch.Tensor:
+    """Keys of listed assignments: each token's K experts (a few of E), NOT_ROUTED off `listed`.
+
+    Args:
+        scores: [T, E] router probabilities.
+        experts: [T, K] int64, experts of each token's listed assignments.
+        listed: [T, K] bool, which entries are assignments (the rest fill the list).
+        priority, seed, token_offset: as assignment_keys.
+
+    Returns:
+        [T, K] int64, equal to assignment_keys at (t, experts[t, j]).
+    """
+    num_tokens, num_experts = scores.shape
+    check_key_range(token_offset, num_tokens, num_experts)
+    keys = _keys(scores.gather(1, experts), experts, num_experts, priority, seed, token_offset)
+    return keys.masked_fill(~listed, NOT_ROUTED)
+
+
+def _keys(
+    scores: torch.Tensor,
+    expert: torch.Tensor,
+    num_experts: int,
+    priority: str,
+    seed: int,
+    token_offset: Union[int, torch.Tensor],
+) -> torch.Tensor:
+    """[T, K] keys of (token t, expert[t, j]) with score scores[t, j] ([T, K] or broadcast)."""
+    token = torch.arange(scores.shape[0], device=scores.device, dtype=torch.int64).unsqueeze(1)
+    token = token + token_offset
     flat = token * num_experts + expert
     if priority == "score":
         hi = sortable_float_bits(scores).long()
@@ -111,8 +149,7 @@ def assignment_keys(
         hi = random_priority(flat, seed)
     else:
         raise ValueError(f"priority must be score, position, reverse or random; got {priority!r}")
-    keys = hi * MAX_ASSIGNMENTS + (_MASK32 - flat)
-    return keys.masked_fill(~candidates, NOT_ROUTED)
+    return hi * MAX_ASSIGNMENTS + (_MASK32 - flat)
 
 
 def decode_token(keys: torch.Tensor, num_experts: int, token_offset: int = 0) -> torch.Tensor:

@@ -32,7 +32,7 @@ if _version_tuple(triton.__version__) < MIN_TRITON:
 from .permute import permutation_indices
 from .routing_plan import (
     CandidateLists,
-    bin_major,
+    bin_items,
     bin_thresholds,
     bin_top_keys,
     collect_candidates,
@@ -41,7 +41,7 @@ from .routing_plan import (
 
 __all__ = [
     "CandidateLists",
-    "bin_major",
+    "bin_items",
     "bin_thresholds",
     "bin_top_keys",
     "collect_candidates",

@@ -23,7 +23,7 @@ those of over-full bins.
     K3 _drop_kernel     lists, thresholds -> clears keep/weights of the keys below their bin's
                         threshold, kept counts [E] int64, and (reroute) the dropped keys.
                         grid (E,); an expert of a bin below capacity stores its count and stops.
-    bin_major           (torch ops on the lists) every bin's keys in one row, for the group-wide
+    bin_items           (torch ops on the lists) every key and its bin, flat, for the group-wide
                         radix select of global scope when C stays on the device.
 
 A key's low 32 bits encode (t + token_offset) * E + e, so the lists need no token column.
@@ -280,11 +280,13 @@ def collect_candidates(
     priority: str,
     seed: int = 0,
     token_offset: Union[int, torch.Tensor] = 0,
+    max_candidates: Optional[int] = None,
 ) -> tuple[CandidateLists, torch.Tensor, torch.Tensor]:
     """Triton twin of capaware_megatron.ops.collect_candidates: (lists, keep, weights).
 
     keep and weights are the plan before capacity (every candidate kept); drop_below clears
-    what does not fit.
+    what does not fit. max_candidates is the interface's bound on candidates per token, which
+    per-expert lists do not need.
     """
     _check_router_tensors(scores, candidates, routing_map, *([] if probs is None else [probs]))
     for name, mask in (("candidates", candidates), ("routing_map", routing_map)):
@@ -362,13 +364,14 @@ def bin_top_keys(lists: CandidateLists, bin_experts: torch.Tensor, capacity: int
     return _select(lists, bin_experts, capacity, write_top=True)[1]
 
 
-def bin_major(lists: CandidateLists, bin_experts: torch.Tensor) -> torch.Tensor:
-    """[B, m * T] int64: every bin's keys in one row, NOT_ROUTED past each list's count (global
-    scope with C on the device: capaware_megatron.ops.group_kth_keys selects from them)."""
+def bin_items(lists: CandidateLists, expert_to_bin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [E * T], bins [E * T]): every listed key, NOT_ROUTED past each list's count, and its
+    bin (global scope with C on the device: capaware_megatron.ops.kth_largest selects from them)."""
     num_experts, num_tokens = lists.keys.shape
     positions = torch.arange(num_tokens, device=lists.keys.device)
     keys = lists.keys.masked_fill(positions >= lists.counts.unsqueeze(1), NOT_ROUTED)
-    return keys[bin_experts.to(keys.device)].reshape(bin_experts.shape[0], -1)
+    bins = expert_to_bin.to(keys.device).unsqueeze(1).expand(num_experts, num_tokens)
+    return keys.reshape(-1), bins.reshape(-1)
 
 
 def drop_below(

@@ -51,6 +51,13 @@ def _lists_as_columns(lists, num_tokens):
     return keys
 
 
+def _items_as_columns(items, num_experts):
+    """The torch twin's listed candidates as [T, E] keys (NOT_ROUTED off the candidates)."""
+    keys = torch.full((items.keys.shape[0], num_experts), priority.NOT_ROUTED, dtype=torch.int64,
+                      device=items.keys.device)
+    return keys.scatter_(1, items.experts, items.keys)
+
+
 @pytest.mark.parametrize("num_tokens,num_experts,topk", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prio", ["score", "position", "reverse", "random"])
@@ -62,9 +69,9 @@ def test_collect_candidates_bit_exact(num_tokens, num_experts, topk, dtype, prio
     probs = (scores.float() * routing_map * 1.7).to(probs_dtype) if prio != "position" else None
     args = (scores, candidates, routing_map, probs, prio, 11, 3)
     lists, keep, weights = kernels.collect_candidates(*args)
-    want_keys, want_keep, want_weights = ops.collect_candidates(*args)
+    want_items, want_keep, want_weights = ops.collect_candidates(*args)
     assert torch.equal(lists.counts.long(), candidates.sum(0))
-    assert torch.equal(_lists_as_columns(lists, num_tokens), want_keys)
+    assert torch.equal(_lists_as_columns(lists, num_tokens), _items_as_columns(want_items, num_experts))
     assert torch.equal(keep, want_keep)
     assert torch.equal(weights, want_weights)
 
@@ -77,10 +84,10 @@ def test_collect_candidates_non_contiguous_inputs():
     lists, keep, weights = kernels.collect_candidates(
         column_major[0], column_major[1], column_major[1], column_major[2], "score"
     )
-    want_keys, want_keep, want_weights = ops.collect_candidates(
+    want_items, want_keep, want_weights = ops.collect_candidates(
         scores, routing_map, routing_map, probs, "score"
     )
-    assert torch.equal(_lists_as_columns(lists, 40), want_keys)
+    assert torch.equal(_lists_as_columns(lists, 40), _items_as_columns(want_items, 12))
     assert torch.equal(keep, want_keep) and torch.equal(weights, want_weights)
 
 

@@ -9,7 +9,7 @@ from reference import reference_plan
 from capaware_megatron.synthetic import skewed_routing
 
 from capaware_megatron import CapacityConfig, RoutingGroup, plan_routing
-from capaware_megatron.ops import group_kth_keys
+from capaware_megatron.ops import kth_largest
 from capaware_megatron.priority import NOT_ROUTED
 
 NUM_EXPERTS, TOPK = 8, 2
@@ -106,10 +106,12 @@ def _rank_keys(rank, num_bins=5):
 
 
 def _kth_on_rank(rank, world_size, kth):
-    return group_kth_keys(_rank_keys(rank), kth, RoutingGroup.from_process_group())
+    keys = _rank_keys(rank)
+    bins = torch.arange(keys.shape[0]).unsqueeze(1).expand_as(keys)
+    return kth_largest(keys.reshape(-1), bins.reshape(-1), keys.shape[0], kth, RoutingGroup.from_process_group())
 
 
-def test_group_kth_keys_selects_over_the_ranks():
+def test_kth_largest_selects_over_the_ranks():
     """Each bin's kth-largest key of all ranks' keys together, on every rank alike."""
     kth = torch.tensor([1, 7, 30, 51, 80])  # the last two exceed some bins' group-wide count
     results = run_gloo(_kth_on_rank, 3, kth)

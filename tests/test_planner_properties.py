@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capaware_megatron import CapacityConfig, RoutingGroup, expert_capacity, plan_routing
-from capaware_megatron.ops import group_kth_keys
+from capaware_megatron.ops import kth_largest
 from capaware_megatron.priority import NOT_ROUTED
 
 
@@ -151,25 +151,26 @@ def test_capacity_on_the_device_equals_the_host_formula(num_tokens, topk, num_bi
     assert device.dtype == torch.int64 and device.dim() == 0 and int(device) == host
 
 
-_ALONE = RoutingGroup(0, 1, lambda tensor: tensor.unsqueeze(0))
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     num_bins=st.integers(1, 6), length=st.integers(0, 40), seed=st.integers(0, 2**16),
     spread=st.sampled_from([4, 2**20, 2**62]), data=st.data(),
 )
-def test_group_kth_keys_is_the_kth_largest(num_bins, length, seed, spread, data):
+def test_kth_largest_is_the_kth_largest(num_bins, length, seed, spread, data):
     """The radix select over digit histograms equals sorting: keys over the whole int64 range
     (random priority reaches both signs) or crowded in a few values' low bits, NOT_ROUTED
-    padding, kth beyond what a bin holds (NOT_ROUTED)."""
+    padding, kth beyond what a bin holds (NOT_ROUTED), alone and as a group of one."""
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randint(-spread, spread, (num_bins, length), generator=gen, dtype=torch.int64)
     # Unique per bin, as priority keys are: distinct low bits.
     keys = keys * 64 + torch.arange(length).remainder(64)
     keys = keys.masked_fill(torch.rand(num_bins, length, generator=gen) < 0.3, NOT_ROUTED)
     kth = torch.tensor(data.draw(st.lists(st.integers(1, length + 2), min_size=num_bins, max_size=num_bins)))
-    got = group_kth_keys(keys, kth, _ALONE)
+    bins = torch.arange(num_bins).unsqueeze(1).expand_as(keys).reshape(-1)
+    order = torch.randperm(bins.numel(), generator=gen)  # bins need not be contiguous
+    got = kth_largest(keys.reshape(-1)[order], bins[order], num_bins, kth)
+    alone = RoutingGroup(0, 1, lambda tensor: tensor.unsqueeze(0))
+    assert torch.equal(kth_largest(keys.reshape(-1), bins, num_bins, kth, alone), got)
     for b in range(num_bins):
         real = sorted((int(v) for v in keys[b] if int(v) != NOT_ROUTED), reverse=True)
         want = real[int(kth[b]) - 1] if int(kth[b]) <= len(real) else NOT_ROUTED

@@ -3,28 +3,36 @@ reroute rounds (reroute), the CPU path and the reference the kernels are tested 
 
 from .reroute import Bins, Rerouted, reroute
 from .routing_plan import (
-    bin_major,
+    CandidateItems,
+    bin_items,
     bin_thresholds,
     bin_top_keys,
     collect_candidates,
     drop_below,
-    group_kth_keys,
+    expert_bins,
     group_top_keys,
+    kth_largest,
+    listed,
     router_or_score,
     top_keys,
+    top_keys_per_bin,
 )
 
 __all__ = [
     "Bins",
+    "CandidateItems",
     "Rerouted",
-    "bin_major",
+    "bin_items",
     "bin_thresholds",
     "bin_top_keys",
     "collect_candidates",
     "drop_below",
-    "group_kth_keys",
+    "expert_bins",
     "group_top_keys",
+    "kth_largest",
+    "listed",
     "reroute",
     "router_or_score",
     "top_keys",
+    "top_keys_per_bin",
 ]

@@ -23,8 +23,8 @@ import torch
 
 from ..config import Count
 from ..group import RoutingGroup
-from ..priority import NOT_ROUTED, assignment_keys
-from .routing_plan import bin_major, group_kth_keys, group_top_keys, top_keys
+from ..priority import NOT_ROUTED, listed_keys
+from .routing_plan import group_top_keys, kth_largest, listed, top_keys_per_bin
 
 @dataclass(frozen=True)
 class Bins:
@@ -89,69 +89,82 @@ def reroute(
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
-    pending_keys = assignment_keys(scores, routing_map & ~kept_map, priority, seed, token_offset)
-    used = routing_map.clone()
-    new_map, weights = kept_map.clone(), weights.clone()
-    kept_per_bin = bins.per_bin(kept_per_expert)
-    if group is not None:
-        kept_per_bin = group.all_gather(kept_per_bin).sum(0)
-    room = capacity - kept_per_bin  # [B]
+    expert_to_bin = bins.expert_to_bin
+    # The router's picks, listed: [T, k]; the pending ones (drop removed them) ordered by key,
+    # highest first, with the expert each came from.
+    picks = listed(routing_map, topk)
+    pending = routing_map.gather(1, picks) & ~kept_map.gather(1, picks)
+    pending = torch.sort(listed_keys(scores, picks, pending, priority, seed, token_offset),
+                         dim=1, descending=True)
+    pending_keys, origin = pending.values, picks.gather(1, pending.indices)  # [T, k]
+    # A proposal's key is its assignment's: one order by key serves every round's acceptance.
+    key_order = torch.sort(pending_keys.reshape(-1), descending=True).indices
+    # Each token's experts by score (ties: lower index), and which of them it uses, in that
+    # order; the extra last column takes the writes of proposals that were not accepted.
     preference = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, E]
-    bin_experts = bins.experts
+    used = torch.ones(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
+    used[:, :num_experts] = routing_map.gather(1, preference)
+    kept_per_bin = bins.per_bin(kept_per_expert)
+    room = capacity - (group.all_gather(kept_per_bin).sum(0) if group is not None else kept_per_bin)
+    targets, proposal_weights = [], []
     rerouted = torch.zeros(num_experts, dtype=torch.int64, device=device)
     for _ in range(rounds):
-        # A token's pending assignments ("items"), highest key first: [T, k], of which
-        # num_pending are real (the rest NOT_ROUTED).
-        items = torch.topk(pending_keys, topk, dim=1)
-        num_pending = (pending_keys != NOT_ROUTED).sum(1, keepdim=True)
-        open_in_order = (~used & (room[bins.expert_to_bin] > 0)).gather(1, preference)
-        item = open_in_order.cumsum(1) - 1  # the item proposing to each open expert, in order
-        proposing = open_in_order & (item < num_pending)
-        item = item.clamp(0, topk - 1)
-        keys = torch.empty_like(pending_keys).scatter_(
-            1, preference, torch.where(proposing, items.values.gather(1, item), NOT_ROUTED)
-        )  # [T, E]: the key of the item proposing to each expert
-        accepted = _accept(keys, bin_experts, bins, room, capacity, group)  # [T, E] bool
-        # Commit: the new assignments, their weights, the rooms, and the items they came from.
-        new_map |= accepted
-        if carried is None:
-            new_weights = scores.to(weights.dtype)
-        else:  # the router's weight of the expert each proposing item came from
-            origin = items.indices.gather(1, item)  # [T, E] in preference order
-            new_weights = torch.empty_like(weights).scatter_(
-                1, preference, carried.to(weights.dtype).gather(1, origin))
-        weights = torch.where(accepted, new_weights, weights)
-        used |= accepted
-        placed = accepted.sum(0, dtype=torch.int64)
-        rerouted += placed
-        placed_per_bin = bins.per_bin(placed)
-        room = room - (group.all_gather(placed_per_bin).sum(0) if group is not None else placed_per_bin)
-        done_items = torch.zeros(num_tokens, topk + 1, dtype=torch.bool, device=device)
-        done_items.scatter_(1, torch.where(accepted.gather(1, preference), item, topk), True)
-        done = torch.zeros_like(used).scatter_(1, items.indices, done_items[:, :topk])
-        pending_keys = pending_keys.masked_fill(done, NOT_ROUTED)
+        # The j-th still pending assignment of a token proposes its j-th open expert: the first
+        # preference position where the count of open experts reaches j + 1 (E: none left).
+        open_experts = ~used[:, :num_experts] & (room > 0).take(expert_to_bin).take(preference)
+        open_count = open_experts.cumsum(1, dtype=torch.int32)
+        still = pending_keys != NOT_ROUTED
+        position = torch.searchsorted(open_count, still.cumsum(1, dtype=torch.int32))
+        proposing = still & (position < num_experts)
+        target = preference.gather(1, position.clamp(max=num_experts - 1))  # [T, k]
+        proposal_keys = torch.where(proposing, pending_keys, NOT_ROUTED)
+        target_bins = expert_to_bin.take(target)
+        threshold = _acceptance(
+            proposal_keys, torch.where(proposing, target_bins, bins.num_bins), bins.num_bins,
+            room, capacity, group, key_order)
+        accepted = proposing & (proposal_keys >= threshold[target_bins]) & (room > 0)[target_bins]
+        # Commit: the preference slots now used, the rooms, and the assignments placed.
+        used.scatter_(1, torch.where(accepted, position, num_experts), True)
+        placed = torch.zeros(bins.num_bins, dtype=torch.int64, device=device).index_add_(
+            0, target_bins.reshape(-1), accepted.reshape(-1).long())
+        room = room - (group.all_gather(placed).sum(0) if group is not None else placed)
+        rerouted.index_add_(0, target.reshape(-1), accepted.reshape(-1).long())
+        targets.append(torch.where(accepted, target, num_experts))
+        proposal_weights.append(
+            scores.gather(1, target) if carried is None else carried.gather(1, origin))
+        pending_keys = pending_keys.masked_fill(accepted, NOT_ROUTED)
+    new_map, weights = kept_map, weights
+    if targets:
+        columns = torch.cat(targets, 1)  # [T, rounds * k], E where nothing was placed
+        placed_map = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
+        placed_map = placed_map.scatter_(1, columns, True)[:, :num_experts]
+        placed_weights = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=device)
+        placed_weights = placed_weights.scatter_(
+            1, columns, torch.cat(proposal_weights, 1).to(weights.dtype))[:, :num_experts]
+        new_map = kept_map | placed_map
+        weights = torch.where(placed_map, placed_weights, weights)
     return Rerouted(new_map, weights, kept_per_expert + rerouted, rerouted.sum())
 
 
-def _accept(
+def _acceptance(
     keys: torch.Tensor,
-    bin_experts: torch.Tensor,
-    bins: Bins,
+    bins: torch.Tensor,
+    num_bins: int,
     room: torch.Tensor,
     capacity: Count,
     group: Optional[RoutingGroup],
+    key_order: torch.Tensor,
 ) -> torch.Tensor:
-    """[T, E] bool: the proposals each bin accepts, its `room` largest keys (room <= capacity).
+    """[B] the room-th largest proposal key of each bin (its acceptance threshold), over the
+    group: from one [B, C] gather when C is a host int (room <= C), else by radix select.
 
-    A capacity on the device (global scope, eager) sizes no [B, C] gather: the group selects the
-    room-th key by radix (group_kth_keys) instead."""
-    rows = bin_major(keys, bin_experts)
+    keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (num_bins: none, a bin
+    of their own, so key_order, the keys' descending order, holds within every real bin)."""
+    keys, bins = keys.reshape(-1), bins.reshape(-1)
+    if group is None:
+        room = torch.cat([room, room.new_zeros(1)])
+        return kth_largest(keys, bins, num_bins + 1, room, key_order=key_order)[:num_bins]
     if isinstance(capacity, torch.Tensor):
-        threshold = group_kth_keys(rows, room, group)
-    else:
-        top = top_keys(rows, capacity)  # [B, C] descending
-        if group is not None:
-            top = group_top_keys(top, group)
-        threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
-    has_room = (room > 0)[bins.expert_to_bin]
-    return (keys >= threshold[bins.expert_to_bin]) & (keys != NOT_ROUTED) & has_room
+        return kth_largest(keys, bins, num_bins + 1, torch.cat([room, room.new_zeros(1)]), group)[:num_bins]
+    top = group_top_keys(top_keys_per_bin(keys, bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
+    return top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)

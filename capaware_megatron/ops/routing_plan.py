@@ -1,29 +1,47 @@
 """Torch twins of the Triton kernels in kernels/routing_plan.py: the steps of a plan.
 
-    collect_candidates  the priority key of every candidate assignment (priority.py), and the
-                        plan as if nothing overflowed: router picks keep the router weight,
-                        expanded drop's local candidates take their score
+    collect_candidates  each token's candidate assignments and their priority keys (priority.py),
+                        and the plan as if nothing overflowed: router picks keep the router
+                        weight, expanded drop's local candidates take their score
     bin_thresholds      [B] int64, the C-th largest key of each bin
     bin_top_keys        [B, C] int64, each bin's largest keys (global scope gathers them)
-    bin_major           [B, T * m] int64, each bin's keys in one row (global scope, C on the
-                        device: group_kth_keys selects from them)
+    bin_items           every candidate's key and bin, flat (global scope with C on the device:
+                        kth_largest selects from them over the group)
     drop_below          clears candidates with key < threshold -> exactly min(C, load) per bin
 
-The candidate state of this backend is the [T, E] int64 key matrix (NOT_ROUTED off the
-candidates); the Triton backend keeps per-expert key lists instead. Every op is a fixed sequence
-of device ops whose output shapes depend only on (T, E, C): no host synchronization.
+The candidate state of this backend lists each token's candidates, [T, K] with K the most a
+token has (k for the router's picks, k + the local experts for expanded drop), so capacity works
+on T * K assignments instead of all T * E pairs; the Triton backend keeps per-expert key lists.
+Thresholds come from sorting the listed keys by bin (kth_largest; over a group, a radix select
+as the Triton select kernel runs). Every op is a fixed sequence of device ops whose output shapes depend only on (T, E, K, C):
+no host synchronization.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from ..group import RoutingGroup
-from ..priority import NOT_ROUTED, assignment_keys
+from ..priority import NOT_ROUTED, listed_keys
 
 _SIGN_BIT = NOT_ROUTED  # int64 with only the sign bit set
+
+
+@dataclass
+class CandidateItems:
+    """The torch backend's candidate state: each token's candidates, listed.
+
+    Attributes:
+        experts: [T, K] int64, the experts of each token's candidates, then other experts as
+            fillers (distinct within a row).
+        keys: [T, K] int64, their priority keys; NOT_ROUTED for the fillers.
+    """
+
+    experts: torch.Tensor
+    keys: torch.Tensor
 
 
 def router_or_score(
@@ -39,9 +57,10 @@ def top_keys(rows: torch.Tensor, count: int) -> torch.Tensor:
     return torch.nn.functional.pad(top, (0, count - top.shape[1]), value=NOT_ROUTED)
 
 
-def bin_major(keys: torch.Tensor, bin_experts: torch.Tensor) -> torch.Tensor:
-    """[T, E] -> [B, T * m]: every bin's keys in one row."""
-    return keys[:, bin_experts].permute(1, 0, 2).reshape(bin_experts.shape[0], -1)
+def listed(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """[T, E] bool with at most `count` True per row -> [T, count] int64: their columns first,
+    then other columns (distinct within a row)."""
+    return torch.topk(mask.view(torch.uint8), count, dim=1, sorted=False).indices
 
 
 def collect_candidates(
@@ -52,28 +71,80 @@ def collect_candidates(
     priority: str,
     seed: int = 0,
     token_offset: Union[int, torch.Tensor] = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys [T, E] int64, keep [T, E] bool, weights [T, E]): the plan before capacity.
+    max_candidates: Optional[int] = None,
+) -> tuple[CandidateItems, torch.Tensor, torch.Tensor]:
+    """(items, keep [T, E] bool, weights [T, E]): the plan before capacity.
 
-    keys are the backend's candidate state (NOT_ROUTED off the candidates); every candidate is
-    kept, router picks with the router weight (probs, default the score), others with the score.
+    items are the backend's candidate state; every candidate is kept, router picks with the
+    router weight (probs, default the score), others with the score. max_candidates: the most
+    candidates a token has (None: E).
     """
-    keys = assignment_keys(scores, candidates, priority, seed, token_offset)
+    num_experts = scores.shape[1]
+    count = num_experts if max_candidates is None else min(max_candidates, num_experts)
+    experts = listed(candidates, count)
+    keys = listed_keys(scores, experts, candidates.gather(1, experts), priority, seed, token_offset)
     weights = router_or_score(routing_map, probs, scores)
-    return keys, candidates.clone(), weights.masked_fill(~candidates, 0)
+    return CandidateItems(experts, keys), candidates.clone(), weights.masked_fill(~candidates, 0)
 
 
-def bin_thresholds(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
+def expert_bins(bin_experts: torch.Tensor) -> torch.Tensor:
+    """[B, m] the experts of each bin (all E of them) -> [E] int64, the bin of each expert."""
+    num_bins, per_bin = bin_experts.shape
+    bins = torch.arange(num_bins, device=bin_experts.device).repeat_interleave(per_bin)
+    return torch.empty_like(bins).scatter_(0, bin_experts.reshape(-1), bins)
+
+
+def bin_items(items: CandidateItems, expert_to_bin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys [N], bins [N]): every listed candidate's key (NOT_ROUTED fillers) and its bin."""
+    return items.keys.reshape(-1), expert_to_bin.take(items.experts).reshape(-1)
+
+
+def bin_thresholds(items: CandidateItems, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
     """[B] int64: the capacity-th largest key of each bin (NOT_ROUTED when it has fewer).
 
     Keys are unique, so ``key >= threshold`` keeps exactly min(capacity, load) per bin.
     """
-    return bin_top_keys(keys, bin_experts, capacity)[:, capacity - 1]
+    num_bins = bin_experts.shape[0]
+    keys, bins = bin_items(items, expert_bins(bin_experts))
+    kth = torch.full((num_bins,), capacity, dtype=torch.int64, device=keys.device)
+    return kth_largest(keys, bins, num_bins, kth)
 
 
-def bin_top_keys(keys: torch.Tensor, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
-    """[B, C] int64: each bin's largest keys, padded with NOT_ROUTED."""
-    return top_keys(bin_major(keys, bin_experts), capacity)
+def bin_top_keys(items: CandidateItems, bin_experts: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, C] int64: each bin's largest keys, descending, padded with NOT_ROUTED."""
+    keys, bins = bin_items(items, expert_bins(bin_experts))
+    return top_keys_per_bin(keys, bins, bin_experts.shape[0], capacity)
+
+
+def _grouped_by_bin(
+    keys: torch.Tensor, bins: torch.Tensor, num_bins: int, key_order: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys grouped by bin, descending within each [N], each bin's first position [B], its
+    real keys [B]): two sorts of the N keys, by key, then (stable) by bin. key_order: [N] the
+    keys' positions in descending order, when the caller knows it (one sort fewer)."""
+    if key_order is None:
+        by_key = torch.sort(keys, descending=True)
+        key_order = by_key.indices
+    # Bin indices sort fastest in the narrowest integer type that holds them (radix passes).
+    narrow = torch.int16 if num_bins < 2**15 else torch.int32
+    by_bin = torch.sort(bins.take(key_order).to(narrow), stable=True)
+    ordered = keys.take(key_order.take(by_bin.indices))
+    per_bin = torch.zeros(num_bins, dtype=torch.int64, device=keys.device)
+    first = per_bin.index_add(0, bins, torch.ones_like(bins))
+    first = first.cumsum(0) - first
+    real = per_bin.index_add_(0, bins, (keys != NOT_ROUTED).long())
+    return ordered, first, real
+
+
+def top_keys_per_bin(keys: torch.Tensor, bins: torch.Tensor, num_bins: int, count: int) -> torch.Tensor:
+    """keys [N] in bins [N] -> [B, count]: each bin's largest keys, descending, padded with
+    NOT_ROUTED."""
+    if keys.numel() == 0:
+        return torch.full((num_bins, count), NOT_ROUTED, dtype=torch.int64, device=keys.device)
+    ordered, first, real = _grouped_by_bin(keys, bins, num_bins)
+    slot = torch.arange(count, device=keys.device)
+    top = ordered.take((first.unsqueeze(1) + slot).clamp(max=keys.numel() - 1))
+    return top.masked_fill(slot >= real.unsqueeze(1), NOT_ROUTED)
 
 
 def group_top_keys(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
@@ -86,46 +157,66 @@ def group_top_keys(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
     return top_keys(merged, capacity)
 
 
-def group_kth_keys(rows: torch.Tensor, kth: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
-    """[B, L] this rank's keys per bin, kth [B] int64 -> [B] the kth-largest key of each bin
-    over the group (NOT_ROUTED where the group holds fewer than kth).
+def kth_largest(
+    keys: torch.Tensor,
+    bins: torch.Tensor,
+    num_bins: int,
+    kth: torch.Tensor,
+    group: Optional[RoutingGroup] = None,
+    key_order: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """keys [N] (NOT_ROUTED: none) in bins [N], kth [B] int64 >= 1 -> [B] the kth-largest key of
+    each bin (NOT_ROUTED where it holds fewer than kth), over the group's keys when one is given.
 
-    For a kth that stays on the device (C from the group's token counts, which are never read
-    on the host), so no [B, C] gather can be sized: a radix select over the keys' bit pattern,
-    8-bit digits from the top, as the Triton select kernel runs within a bin, with each digit's
-    [B, 256] histogram summed over the group: 8 fixed-size gathers, the same on every rank.
+    kth may stay on the device (C from the group's token counts, never read on the host):
+    nothing is sized by it. Alone: two sorts of the keys (_grouped_by_bin). Over a group: a radix
+    select over the keys' bit pattern, 8-bit digits from the top, as the Triton select kernel
+    runs within a bin: 8 passes over the N keys, each a [B, 256] digit histogram summed over the
+    group (8 fixed-size gathers, the same on every rank), which no rank could size by C.
+    key_order: see _grouped_by_bin (alone only).
     """
-    num_bins = rows.shape[0]
-    device = rows.device
-    real = rows != NOT_ROUTED
-    unsigned = rows ^ _SIGN_BIT  # the sign bit flipped: digits compare in unsigned order
+    device = keys.device
+    if group is None:
+        if keys.numel() == 0:
+            return torch.full((num_bins,), NOT_ROUTED, dtype=torch.int64, device=device)
+        ordered, first, real = _grouped_by_bin(keys, bins, num_bins, key_order)
+        kth_key = ordered.take((first + kth - 1).clamp(0, keys.numel() - 1))
+        return torch.where((kth >= 1) & (kth <= real), kth_key, NOT_ROUTED)
+    real = keys != NOT_ROUTED
+    unsigned = keys ^ _SIGN_BIT  # the sign bit flipped: digits compare in unsigned order
     digits = torch.arange(256, device=device)
     prefix = torch.zeros(num_bins, dtype=torch.int64, device=device)  # the digits found so far
     remaining = kth.to(torch.int64)  # the rank still sought among the keys that share `prefix`
     total = torch.zeros_like(prefix)
+    slots = bins * 256
     for step in range(8):
         shift = 56 - 8 * step
-        matches = real if step == 0 else real & ((unsigned & (-1 << (shift + 8))) == prefix[:, None])
         digit = (unsigned >> shift) & 255
-        hist = torch.zeros(num_bins, 256, dtype=torch.int64, device=device)
-        hist = group.all_gather(hist.scatter_add_(1, digit, matches.long())).sum(0)  # [B, 256]
+        matches = real if step == 0 else real & ((unsigned & (-1 << (shift + 8))) == prefix.take(bins))
+        hist = torch.zeros(num_bins * 256, dtype=torch.int64, device=device)
+        hist = hist.index_add_(0, slots + digit, matches.long()).view(num_bins, 256)
+        if group is not None:
+            hist = group.all_gather(hist).sum(0)
         if step == 0:
             total = hist.sum(1)
         at_least = hist.flip(1).cumsum(1).flip(1)  # keys with this digit or a larger one
-        chosen = torch.where(at_least >= remaining[:, None], digits, 0).amax(1)
-        remaining = remaining - torch.where(digits > chosen[:, None], hist, 0).sum(1)
+        chosen = torch.where(at_least >= remaining.unsqueeze(1), digits, 0).amax(1)
+        remaining = remaining - torch.where(digits > chosen.unsqueeze(1), hist, 0).sum(1)
         prefix = prefix | (chosen << shift)
     return torch.where(total >= kth, prefix ^ _SIGN_BIT, NOT_ROUTED)
 
 
 def drop_below(
-    keys: torch.Tensor,
+    items: CandidateItems,
     thresholds: torch.Tensor,
     expert_to_bin: torch.Tensor,
     keep: torch.Tensor,
     weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep, weights, kept per expert [E] int64): clears the candidates below their bin's threshold."""
-    dropped = keep & (keys < thresholds[expert_to_bin])
-    keep = keep & ~dropped
-    return keep, weights.masked_fill(dropped, 0), keep.sum(0, dtype=torch.int64)
+    real = items.keys != NOT_ROUTED
+    dropped = real & (items.keys < thresholds.take(expert_to_bin.take(items.experts)))  # [T, K]
+    dropped_map = torch.zeros_like(keep).scatter_(1, items.experts, dropped)
+    kept = torch.zeros(keep.shape[1], dtype=torch.int64, device=keep.device)
+    kept = kept.index_add_(0, items.experts.reshape(-1), (real & ~dropped).reshape(-1).long())
+    return keep & ~dropped_map, weights.masked_fill(dropped_map, 0), kept
