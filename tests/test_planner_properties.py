@@ -1,5 +1,6 @@
 """Hypothesis: invariants of the plan for arbitrary routings and configurations."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -175,3 +176,24 @@ def test_kth_largest_is_the_kth_largest(num_bins, length, seed, spread, data):
         real = sorted((int(v) for v in keys[b] if int(v) != NOT_ROUTED), reverse=True)
         want = real[int(kth[b]) - 1] if int(kth[b]) <= len(real) else NOT_ROUTED
         assert int(got[b]) == want
+
+
+@pytest.mark.parametrize("num_experts,topk,per_bin", [(8, 2, 1), (16, 4, 4), (64, 2, 1), (12, 3, 6)])
+@pytest.mark.parametrize("capacity", [1, 5, 40, 200])
+@pytest.mark.parametrize("dense", [True, False])
+def test_bin_thresholds_dense_and_sorted_paths(monkeypatch, num_experts, topk, per_bin, capacity, dense):
+    """Both ways bin_thresholds finds each bin's capacity-th key (dense rows + topk, or sorting
+    the listed keys by bin) give the sorted reference, bins of one expert or several."""
+    from capaware_megatron.ops import routing_plan
+    from capaware_megatron.priority import assignment_keys
+    from capaware_megatron.synthetic import skewed_routing
+
+    monkeypatch.setattr(routing_plan, "DENSE_EXPERTS_PER_CANDIDATE", 10**6 if dense else 0)
+    scores, routing_map = skewed_routing(90, num_experts, topk, skew=2.0, seed=capacity)
+    bin_experts = torch.randperm(num_experts, generator=torch.Generator().manual_seed(3)).view(-1, per_bin)
+    items, _, _ = routing_plan.collect_candidates(scores, routing_map, routing_map, None, "random", 7, 0, topk)
+    got = routing_plan.bin_thresholds(items, bin_experts, capacity)
+    dense_keys = assignment_keys(scores, routing_map, "random", 7)
+    for b, experts in enumerate(bin_experts.tolist()):
+        real = sorted((v for v in dense_keys[:, experts].reshape(-1).tolist() if v != NOT_ROUTED), reverse=True)
+        assert int(got[b]) == (real[capacity - 1] if capacity <= len(real) else NOT_ROUTED)

@@ -1,6 +1,6 @@
 """Routing-plan speed: torch planner vs Triton planner vs Megatron-Core's capacity path.
 
-    python benchmarks/bench_planner.py [--device cuda] [--csv out.csv]
+    python examples/benchmarks/bench_planner.py [--device cuda] [--rounds 15] [--csv out.csv]
 
 Megatron-Core's path is apply_router_token_dropping (drop_policy="probs") followed by its
 permute index computation, i.e. what its all-to-all dispatcher does with a capacity factor.
@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import subprocess
 import sys
 
 import torch
-from timing import copy_bandwidth, device_name, median_seconds
+from timing import copy_bandwidth, device_name, interleaved_rounds, median_seconds, parse_benchmark_args, quartiles
 from tqdm import tqdm
 
 from capaware_megatron import CapacityConfig, plan_routing
-from capaware_megatron.quiet import quiet_frameworks
 from capaware_megatron.synthetic import skewed_routing
 
 SHAPES = [("Mixtral", 8192, 8, 2), ("DeepSeek-V2-Lite", 16384, 64, 8), ("DeepSeek-V3", 16384, 256, 8)]
@@ -99,50 +97,62 @@ def _floor_bytes(num_tokens: int, num_experts: int, assignments: int) -> int:
     return num_tokens * num_experts * (4 + 1 + 1 + 4) + assignments * (8 + 4)
 
 
+def _time_providers(runs: dict, device: torch.device, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """{provider: (q1, median, q3) seconds}: on CPU the providers interleaved within every round
+    (the machine's drift spreads over all of them); on CUDA triton's do_bench, one after another."""
+    if device.type == "cuda":
+        return {name: (seconds := median_seconds(run, device),) * 3 for name, run in runs.items()}
+    samples = interleaved_rounds(runs, rounds, warmup=2)
+    return {name: quartiles(values) for name, values in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gamma", type=float, default=1.5)
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per shape (CPU)")
     parser.add_argument("--csv", default=None)
-    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
-    args = parser.parse_args()
-    quiet_frameworks(args.verbose)
+    args = parse_benchmark_args(parser)
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     # Megatron-Core offers drop only; reroute rows show what placing the overflow costs.
     megatron = ["megatron"] if importlib.util.find_spec("megatron") is not None else []  # not on every GPU image
     providers = backends + megatron + [f"{backend}:reroute" for backend in backends]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {commit}")
-    print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians\n")
-    header = (f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>15} {'time ms':>9} {'GB/s':>7} "
-              f"{'floor ms':>9} {'x floor':>8}")
-    print(header)
+    print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {args.commit}")
+    print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians "
+          f"(quartiles) of {args.rounds} rounds, the providers interleaved within each round\n")
+    print(f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>15} {'time ms':>9} {'(q1-q3)':>17} "
+          f"{'GB/s':>6} {'x floor':>8} {'/ drop':>7} {'/ Mcore':>8}")
     rows = []
-    progress = tqdm(total=len(SHAPES) * len(providers), desc="planner benchmark", unit="run", dynamic_ncols=True)
-    for name, num_tokens, num_experts, topk in SHAPES:
+    for name, num_tokens, num_experts, topk in tqdm(SHAPES, desc="planner benchmark", unit="shape",
+                                                     dynamic_ncols=True):
         scores, routing_map = skewed_routing(num_tokens, num_experts, topk, skew=1.0)
         scores, routing_map = scores.to(device), routing_map.to(device)
         traffic = _floor_bytes(num_tokens, num_experts, num_tokens * topk)
         floor = traffic / bandwidth
+        runs = {}
         for provider in providers:
             backend, _, policy = provider.partition(":")
-            fn = (
+            runs[provider] = (
                 _megatron_path(scores, routing_map, topk, args.gamma)
                 if provider == "megatron"
                 else _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop")
             )
-            seconds = median_seconds(fn, device)
+        timed = _time_providers(runs, device, args.rounds)
+        for provider, (q1, seconds, q3) in timed.items():
+            backend = provider.partition(":")[0]
             row = dict(shape=name, T=num_tokens, E=num_experts, k=topk, provider=provider,
-                       ms=seconds * 1e3, gbps=traffic / seconds / 1e9, floor_ms=floor * 1e3,
-                       x_floor=seconds / floor, device=device_name(device), commit=commit)
+                       ms=seconds * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, gbps=traffic / seconds / 1e9,
+                       x_floor=seconds / floor, per_drop=seconds / timed[backend][1] if backend in backends else None,
+                       per_megatron=seconds / timed["megatron"][1] if "megatron" in timed else None,
+                       device=device_name(device), commit=args.commit)
             rows.append(row)
-            progress.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
-                           f"{row['ms']:>9.3f} {row['gbps']:>7.1f} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}",
-                           file=sys.stdout)
-            progress.update()
-    progress.close()
+            ratios = "".join(f" {value:>{width}.2f}" if value is not None else f" {'':>{width}}"
+                             for value, width in ((row["per_drop"], 7), (row["per_megatron"], 8)))
+            tqdm.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
+                       f"{row['ms']:>9.3f} {f'({q1 * 1e3:.3f}-{q3 * 1e3:.3f})':>17} {row['gbps']:>6.1f} "
+                       f"{row['x_floor']:>8.1f}{ratios}", file=sys.stdout)
     print_traffic_model(SHAPES, args.gamma)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
