@@ -1,5 +1,6 @@
 """The benchmarks' code paths on tiny shapes: their GPU rows must not first fail on a GPU."""
 
+import math
 import os
 import sys
 
@@ -55,3 +56,13 @@ def test_decode_benchmark_rows_are_cut_by_e_over_gamma_k():
                 experts / (gamma * topk))
     assert bench_decode.padded_rows(4, 8, 2, 3.0) == 8 * 3  # ceil(4 * 2 / 8 * 3) = 3
     assert bench_decode.padded_rows(4, 8, 2, 8.0) == 8 * 4  # never more than T
+
+
+def test_paired_perplexity_difference():
+    bench_reroute = pytest.importorskip("bench_reroute")
+    exact = [(20.0, 10), (30.0, 10), (12.0, 6)]
+    assert bench_reroute.paired_difference(exact, exact) == (0.0, 0.0)
+    worse = [(21.0, 10), (31.0, 10), (12.6, 6)]  # every batch 0.1 nats per token worse
+    mean, error = bench_reroute.paired_difference(worse, exact)
+    assert abs(mean - 0.1) < 1e-12 and error < 1e-12
+    assert abs(bench_reroute.perplexity(exact) - math.exp(62 / 26)) < 1e-12

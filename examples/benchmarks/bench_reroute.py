@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -83,7 +84,7 @@ def _model_rank(rank, world_size, batches, windows_per_batch):
         runs += [(f"drop g{gamma}", CapacityConfig(gamma), False),
                  (f"reroute exact g{gamma}", CapacityConfig(gamma, policy="reroute"), True),
                  (f"reroute {DEFAULT_REROUTE_ROUNDS} rounds g{gamma}", CapacityConfig(gamma, policy="reroute"), False)]
-    nll = {name: [0.0, 0] for name, _, _ in runs}
+    nll: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in runs}  # per batch
     with torch.no_grad():
         for batch in tqdm(data, desc="perplexity", unit="batch", dynamic_ncols=True):
             for name, cfg, exact in runs:
@@ -91,9 +92,21 @@ def _model_rank(rank, world_size, batches, windows_per_batch):
                     dispatcher.capacity_config = cfg
                     dispatcher.plan = _planner(dispatcher, exact, capture if name == "dropless" else None)
                 loss = tiny.forward_loss(model, batch).double()
-                nll[name][0] += float(loss.sum())
-                nll[name][1] += loss.numel()
-    return {name: math.exp(total / count) for name, (total, count) in nll.items()}, routing[: len(dispatchers)]
+                nll[name].append((float(loss.sum()), loss.numel()))
+    return nll, routing[: len(dispatchers)]
+
+
+def perplexity(batches: list[tuple[float, int]]) -> float:
+    """exp of the mean per-token NLL over all batches ((NLL sum, tokens) each)."""
+    return math.exp(sum(total for total, _ in batches) / sum(count for _, count in batches))
+
+
+def paired_difference(ours: list[tuple[float, int]], theirs: list[tuple[float, int]]) -> tuple[float, float]:
+    """(mean, standard error) over batches of the per-token NLL difference ours - theirs: the
+    same batches under both plans, so the batches' own spread cancels."""
+    differences = [a / n - b / m for (a, n), (b, m) in zip(ours, theirs)]
+    mean = statistics.fmean(differences)
+    return mean, statistics.stdev(differences) / math.sqrt(len(differences))
 
 
 def _planner(dispatcher, exact: bool, capture):
@@ -122,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_frameworks(args.verbose)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    perplexity, routing = run_gloo(_model_rank, 1, args.batches, args.windows_per_batch, timeout=1800)[0]
+    nll, routing = run_gloo(_model_rank, 1, args.batches, args.windows_per_batch, timeout=1800)[0]
     workloads = [(f"trained L{i}", s.float(), m) for i, (s, m, _) in enumerate(routing)]
     for skew in (1.0, 2.0):
         for num_tokens, num_experts, topk in ((2048, 8, 2), (1024, 64, 8)):
@@ -143,8 +156,14 @@ def main() -> None:
     print("\nworst share: " + ", ".join(f"R={r} {w:.4f}" for r, w in worst.items()))
     print(f"\nPerplexity of the trained tiny GPT-MoE ({args.batches * args.windows_per_batch * tiny.SEQ} held-out "
           f"bytes, one plan per {args.windows_per_batch * tiny.SEQ} tokens, local scope, score priority):")
-    for name, value in perplexity.items():
-        print(f"  {name:<28} {value:.4f}")
+    for name, batches in nll.items():
+        print(f"  {name:<28} {perplexity(batches):.5f}")
+    print(f"\nBounded ({DEFAULT_REROUTE_ROUNDS} rounds) - exact, per-token NLL over the {args.batches} batches "
+          "(mean +- standard error; positive: bounded worse):")
+    for gamma in GAMMAS:
+        mean, error = paired_difference(nll[f"reroute {DEFAULT_REROUTE_ROUNDS} rounds g{gamma}"],
+                                        nll[f"reroute exact g{gamma}"])
+        print(f"  g{gamma}: {mean:+.2e} +- {error:.2e} nats ({mean / error if error else 0:+.1f} standard errors)")
 
 
 if __name__ == "__main__":
