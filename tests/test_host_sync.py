@@ -109,7 +109,8 @@ def _dispatcher_plan_syncs(rank, world_size, policy, scope):
     return syncs.ops, int(plan.num_dropped) + int(plan.num_rerouted)
 
 
-@pytest.mark.parametrize("policy,scope", [("drop", "local"), ("reroute", "device"), ("expanded", "local")])
+@pytest.mark.parametrize("policy,scope", [("drop", "local"), ("reroute", "device"), ("expanded", "local"),
+                                          ("drop", "global"), ("reroute", "global")])
 def test_megatron_dispatcher_plan_step_has_no_host_sync(policy, scope):
     pytest.importorskip("megatron.core")
     results = run_gloo(_dispatcher_plan_syncs, 2, policy, scope)
