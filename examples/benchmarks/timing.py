@@ -45,15 +45,21 @@ def device_name(device: torch.device) -> str:
 def interleaved_rounds(runs: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
                        on_start: Callable[[str], None] = lambda name: None) -> dict[str, list[float]]:
     """{run: seconds per round} over `rounds` rounds after `warmup`, the runs interleaved within
-    every round (drift of the machine spreads over all of them). Under torch.distributed each
+    every round, in an order rotated from round to round (drift of the machine spreads over all
+    of them). Under torch.distributed each
     round's time is the slowest rank's: the step waits for it. `on_start(name)` runs before each
     run (e.g. to switch a layer's configuration)."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     samples: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     for round_index in range(warmup + rounds):
-        for name, run in runs.items():
+        # Each round starts with another run: none always follows the same neighbour (a large
+        # run leaves caches and the allocator cold for whichever comes next).
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = runs[name]
             on_start(name)
             if distributed:
                 dist.barrier()
