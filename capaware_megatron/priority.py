@@ -75,33 +75,6 @@ def random_salt(seed: int) -> int:
     return (seed * _GOLDEN32) & _MASK32
 
 
-def assignment_keys(
-    scores: torch.Tensor,
-    candidates: torch.Tensor,
-    priority: str,
-    seed: int = 0,
-    token_offset: Union[int, torch.Tensor] = 0,
-) -> torch.Tensor:
-    """Keys of every candidate assignment, NOT_ROUTED elsewhere.
-
-    Args:
-        scores: [T, E] router probabilities (any float dtype; compared as fp32).
-        candidates: [T, E] bool, the assignments competing for capacity.
-        priority: "score" | "position" | "reverse" | "random".
-        seed: seed of "random".
-        token_offset: index of this rank's first token in the group (global scope): an int, or
-            a 0-dim int64 tensor on the scores' device.
-
-    Returns:
-        [T, E] int64.
-    """
-    num_tokens, num_experts = scores.shape
-    check_key_range(token_offset, num_tokens, num_experts)
-    expert = torch.arange(num_experts, device=scores.device, dtype=torch.int64).unsqueeze(0)
-    keys = _keys(scores, expert, num_experts, priority, seed, token_offset)
-    return keys.masked_fill(~candidates, NOT_ROUTED)
-
-
 def listed_keys(
     scores: torch.Tensor,
     experts: torch.Tensor,
@@ -113,34 +86,24 @@ def listed_keys(
     """Keys of listed assignments: each token's K experts (a few of E), NOT_ROUTED off `listed`.
 
     Args:
-        scores: [T, E] router probabilities.
-        experts: [T, K] int64, experts of each token's listed assignments.
+        scores: [T, E] router probabilities (any float dtype; compared as fp32).
+        experts: [T, K] int64, the experts of each token's listed assignments.
         listed: [T, K] bool, which entries are assignments (the rest fill the list).
-        priority, seed, token_offset: as assignment_keys.
+        priority: "score" | "position" | "reverse" | "random".
+        seed: seed of "random".
+        token_offset: index of this rank's first token in the group (global scope): an int, or
+            a 0-dim int64 tensor on the scores' device.
 
     Returns:
-        [T, K] int64, equal to assignment_keys at (t, experts[t, j]).
+        [T, K] int64: the key of (t, experts[t, j]).
     """
     num_tokens, num_experts = scores.shape
     check_key_range(token_offset, num_tokens, num_experts)
-    keys = _keys(scores.gather(1, experts), experts, num_experts, priority, seed, token_offset)
-    return keys.masked_fill(~listed, NOT_ROUTED)
-
-
-def _keys(
-    scores: torch.Tensor,
-    expert: torch.Tensor,
-    num_experts: int,
-    priority: str,
-    seed: int,
-    token_offset: Union[int, torch.Tensor],
-) -> torch.Tensor:
-    """[T, K] keys of (token t, expert[t, j]) with score scores[t, j] ([T, K] or broadcast)."""
-    token = torch.arange(scores.shape[0], device=scores.device, dtype=torch.int64).unsqueeze(1)
+    token = torch.arange(num_tokens, device=scores.device, dtype=torch.int64).unsqueeze(1)
     token = token + token_offset
-    flat = token * num_experts + expert
+    flat = token * num_experts + experts
     if priority == "score":
-        hi = sortable_float_bits(scores).long()
+        hi = sortable_float_bits(scores.gather(1, experts)).long()
     elif priority == "position":
         hi = torch.zeros_like(flat)
     elif priority == "reverse":
@@ -149,7 +112,8 @@ def _keys(
         hi = random_priority(flat, seed)
     else:
         raise ValueError(f"priority must be score, position, reverse or random; got {priority!r}")
-    return hi * MAX_ASSIGNMENTS + (_MASK32 - flat)
+    keys = hi * MAX_ASSIGNMENTS + (_MASK32 - flat)
+    return keys.masked_fill(~listed, NOT_ROUTED)
 
 
 def decode_token(keys: torch.Tensor, num_experts: int, token_offset: int = 0) -> torch.Tensor:

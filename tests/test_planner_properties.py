@@ -185,7 +185,7 @@ def test_bin_thresholds_dense_and_sorted_paths(monkeypatch, num_experts, topk, p
     """Both ways bin_thresholds finds each bin's capacity-th key (dense rows + topk, or sorting
     the listed keys by bin) give the sorted reference, bins of one expert or several."""
     from capaware_megatron.ops import routing_plan
-    from capaware_megatron.priority import assignment_keys
+    from capaware_megatron.priority import listed_keys
     from capaware_megatron.synthetic import skewed_routing
 
     monkeypatch.setattr(routing_plan, "DENSE_EXPERTS_PER_CANDIDATE", 10**6 if dense else 0)
@@ -193,7 +193,8 @@ def test_bin_thresholds_dense_and_sorted_paths(monkeypatch, num_experts, topk, p
     bin_experts = torch.randperm(num_experts, generator=torch.Generator().manual_seed(3)).view(-1, per_bin)
     items, _, _ = routing_plan.collect_candidates(scores, routing_map, routing_map, None, "random", 7, 0, topk)
     got = routing_plan.bin_thresholds(items, bin_experts, capacity)
-    dense_keys = assignment_keys(scores, routing_map, "random", 7)
+    every_expert = torch.arange(num_experts).expand(90, -1)
+    dense_keys = listed_keys(scores, every_expert, routing_map, "random", 7)
     for b, experts in enumerate(bin_experts.tolist()):
         real = sorted((v for v in dense_keys[:, experts].reshape(-1).tolist() if v != NOT_ROUTED), reverse=True)
         assert int(got[b]) == (real[capacity - 1] if capacity <= len(real) else NOT_ROUTED)
