@@ -7,7 +7,8 @@ experts per bin, C a bin's capacity, W ranks in the group (global scope).
 Pipeline (each step an op of the backend: capaware_megatron.ops, the torch twins, or the Triton
 kernels in capaware_megatron.kernels, which share the interface):
     collect_candidates  priority keys of the candidates; the plan as if nothing overflowed
-    bin_thresholds      [B] the C-th largest key of each bin (bin_top_keys + one gather: global)
+    bin_thresholds      [B] the C-th largest key of each bin (global: bin_top_keys + one
+                        gather, or bin_items + ops.kth_largest over the group)
     drop_below          clears candidates below their bin's threshold
     reroute             (ops.reroute, device ops for both backends) the overflow moves to
                         experts with room in CapacityConfig.reroute_rounds rounds
@@ -21,7 +22,7 @@ Global scope: when the group says every rank plans the same number of tokens
 (``RoutingGroup.tokens_per_rank``, CUDA-graph decode) C is a host int and each bin's group-wide
 threshold comes from one [B, C] gather; otherwise the ranks' token counts are exchanged as a
 [W, 2] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from a radix
-select over the group (ops.group_kth_keys: 8 gathers of [B, 256] digit counts).
+select over the group (ops.kth_largest: 8 gathers of [B, 256] digit counts).
 """
 
 from __future__ import annotations
