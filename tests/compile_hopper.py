@@ -20,21 +20,21 @@ SELECT_ARGS = {
 }
 
 
-def _collect_args(scores, probs, offset="i64"):
+def _collect_args(scores, probs, offset="i64", salt="i64"):
     return {
         "scores_ptr": POINTER[scores], "candidates_ptr": "*u8", "map_ptr": "*u8",
         "probs_ptr": POINTER[probs], "keep_ptr": "*i8", "weights_ptr": POINTER[probs],
         "lists_ptr": "*i64", "counts_ptr": "*i32", "num_tokens": "i32", "num_experts": "i32",
         **{f"stride_{name}": "i32" for name in ("st", "se", "ct", "ce", "mt", "me", "pt", "pe")},
-        "token_offset": offset, "salt": offset,
+        "token_offset": offset, "salt": salt,
     }
 
 
-def _drop_args(dtype):
+def _drop_args(dtype, offset="i32"):
     return {
         "lists_ptr": "*i64", "counts_ptr": "*i32", "expert_to_bin_ptr": "*i64",
         "thresholds_ptr": "*i64", "keep_ptr": "*i8", "weights_ptr": POINTER[dtype], "kept_ptr": "*i64",
-        "num_tokens": "i32", "num_experts": "i32", "token_offset": "i32",
+        "num_tokens": "i32", "num_experts": "i32", "token_offset": offset,
     }
 
 
@@ -56,20 +56,28 @@ def variants():
                     yield (
                         f"collect-{prio}-{dtype}-probs{int(has_probs)}-E{block_e}",
                         routing_plan._collect_kernel, _collect_args(dtype, dtype),
-                        {"PRIORITY": code, "HAS_PROBS": has_probs, "BLOCK_T": 4096 // block_e,
-                         "BLOCK_E": block_e},
+                        {"PRIORITY": code, "HAS_PROBS": has_probs, "OFFSET_IN_MEMORY": False,
+                         "BLOCK_T": 4096 // block_e, "BLOCK_E": block_e},
                     )
     # fp32 router weights with bf16 scores; 32-bit token offset and salt.
     yield ("collect-score-bf16-fp32probs", routing_plan._collect_kernel, _collect_args("bf16", "fp32"),
-           {"PRIORITY": 0, "HAS_PROBS": True, "BLOCK_T": 32, "BLOCK_E": 128})
-    yield ("collect-random-i32", routing_plan._collect_kernel, _collect_args("fp32", "fp32", "i32"),
-           {"PRIORITY": 3, "HAS_PROBS": False, "BLOCK_T": 32, "BLOCK_E": 128})
+           {"PRIORITY": 0, "HAS_PROBS": True, "OFFSET_IN_MEMORY": False, "BLOCK_T": 32, "BLOCK_E": 128})
+    yield ("collect-random-i32", routing_plan._collect_kernel, _collect_args("fp32", "fp32", "i32", "i32"),
+           {"PRIORITY": 3, "HAS_PROBS": False, "OFFSET_IN_MEMORY": False, "BLOCK_T": 32, "BLOCK_E": 128})
+    # The token offset in device memory (global scope, eager: the group's counts stay there).
+    for prio in ("score", "reverse", "random"):
+        yield (f"collect-{prio}-offset-in-memory", routing_plan._collect_kernel,
+               _collect_args("fp32", "fp32", "*i64"),
+               {"PRIORITY": routing_plan.PRIORITY_CODES[prio], "HAS_PROBS": True, "OFFSET_IN_MEMORY": True,
+                "BLOCK_T": 32, "BLOCK_E": 128})
     for write_top in (False, True):
         for block_m in (1, 512):
             yield (f"select-top{int(write_top)}-M{block_m}", routing_plan._select_kernel, SELECT_ARGS,
                    {"WRITE_TOP": write_top, "BLOCK": 1024, "BLOCK_M": block_m})
     for dtype in POINTER:
-        yield f"drop-{dtype}", routing_plan._drop_kernel, _drop_args(dtype), {"BLOCK": 1024}
+        yield f"drop-{dtype}", routing_plan._drop_kernel, _drop_args(dtype), {"OFFSET_IN_MEMORY": False, "BLOCK": 1024}
+    yield ("drop-fp32-offset-in-memory", routing_plan._drop_kernel, _drop_args("fp32", "*i64"),
+           {"OFFSET_IN_MEMORY": True, "BLOCK": 1024})
     for dtype in POINTER:
         yield f"permute-{dtype}", permute._permute_index_kernel, _permute_args(dtype), {"BLOCK_T": 1024}
 

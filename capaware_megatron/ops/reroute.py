@@ -122,7 +122,8 @@ def reroute(
         threshold = _acceptance(
             proposal_keys, torch.where(proposing, target_bins, bins.num_bins), bins.num_bins,
             room, capacity, group, key_order)
-        accepted = proposing & (proposal_keys >= threshold[target_bins]) & (room > 0)[target_bins]
+        accepted = proposing & (proposal_keys >= threshold.take(target_bins))
+        accepted &= (room > 0).take(target_bins)
         # Commit: the preference slots now used, the rooms, and the assignments placed.
         used.scatter_(1, torch.where(accepted, position, num_experts), True)
         placed = torch.zeros(bins.num_bins, dtype=torch.int64, device=device).index_add_(
