@@ -150,11 +150,10 @@ def _grouped_by_bin(
     narrow = torch.int16 if num_bins < 2**15 else torch.int32
     by_bin = torch.sort(bins.take(key_order).to(narrow), stable=True)
     ordered = keys.take(key_order.take(by_bin.indices))
-    per_bin = torch.zeros(num_bins, dtype=torch.int64, device=keys.device)
-    first = per_bin.index_add(0, bins, torch.ones_like(bins))
-    first = first.cumsum(0) - first
-    real = per_bin.index_add_(0, bins, (keys != NOT_ROUTED).long())
-    return ordered, first, real
+    empty = torch.zeros(num_bins, dtype=torch.int64, device=keys.device)
+    per_bin = empty.index_add(0, bins, torch.ones_like(bins))
+    real = empty.index_add(0, bins, (keys != NOT_ROUTED).long())
+    return ordered, per_bin.cumsum(0) - per_bin, real
 
 
 def top_keys_per_bin(keys: torch.Tensor, bins: torch.Tensor, num_bins: int, count: int) -> torch.Tensor:
@@ -186,8 +185,9 @@ def kth_largest(
     group: Optional[RoutingGroup] = None,
     key_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """keys [N] (NOT_ROUTED: none) in bins [N], kth [B] int64 >= 1 -> [B] the kth-largest key of
-    each bin (NOT_ROUTED where it holds fewer than kth), over the group's keys when one is given.
+    """keys [N] (NOT_ROUTED: none) in bins [N], kth [B] int64 -> [B] the kth-largest key of each
+    bin (NOT_ROUTED where it holds fewer than kth; a bin with kth < 1 gets some key, which its
+    caller masks), over the group's keys when one is given.
 
     kth may stay on the device (C from the group's token counts, never read on the host):
     nothing is sized by it. Alone: two sorts of the keys (_grouped_by_bin). Over a group: a radix
