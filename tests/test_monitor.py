@@ -322,3 +322,12 @@ def test_counts_accumulate_in_one_persistent_buffer():
     assert tracker._current is buffer and not buffer.any()
     assert len(tracker._history) == 3 and all(step.data_ptr() != buffer.data_ptr() for step in tracker._history)
     assert tracker._history[0][0, :E].tolist() == BEFORE[0, 0].double().tolist()
+
+
+def test_capacity_kept_on_the_device_is_recorded():
+    """Global scope in eager steps hands the tracker a 0-dim tensor capacity: it counts alike."""
+    tracker = LoadTracker(1, E, interval=1)
+    plan = _plan(BEFORE[0, 0], AFTER[0, 0])
+    plan.capacity = torch.tensor(CAPACITY)
+    tracker.record(0, plan)
+    assert tracker.step(1)["capaware/capacity"] == CAPACITY

@@ -113,7 +113,10 @@ class LoadTracker:
         extra = row[2 * self.num_experts :]
         extra[_DROPPED : _REROUTED + 1] += counts
         extra[_ROUTED] += before.sum()
-        extra[_CAPACITY] += plan.capacity
+        capacity = plan.capacity  # a host int, or a 0-dim tensor (global scope, eager)
+        if isinstance(capacity, torch.Tensor):
+            capacity = capacity.to(self.device, non_blocking=True)
+        extra[_CAPACITY] += capacity
         extra[_RECORDS] += 1
 
     def step(self, iteration: Optional[int] = None) -> Optional[dict[str, float]]:
