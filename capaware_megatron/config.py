@@ -22,9 +22,9 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 PRIORITIES: tuple[str, ...] = get_args(Priority)
 SCOPES: tuple[str, ...] = get_args(Scope)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+REROUTE_WEIGHTS: tuple[str, ...] = get_args(RerouteWeight)
 Count = Union[int, torch.Tensor]
 """A token count or capacity: a Python int, or a 0-dim int64 tensor when it stays on the device."""
-REROUTE_WEIGHTS: tuple[str, ...] = get_args(RerouteWeight)
 DEFAULT_REROUTE_ROUNDS = 5
 """Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
 >= 99% of what the exact serial greedy places on the trained routing and Zipf routers."""

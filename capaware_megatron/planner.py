@@ -128,15 +128,13 @@ def plan_routing(
     # The group's counts on the device (global scope, eager): C and the guard stay there too.
     counted_on_device = isinstance(group_tokens, torch.Tensor)
 
+    router_weights = _router_weights(probs, scores, routing_map)
+    uncapped = group_tokens * bins.experts_per_bin  # the capacity a plan reports when nothing is capped
+
     # Decode guard: a step whose mean load is below min_capacity is never capped.
     below_guard = group_tokens * group_topk < cfg.min_capacity * num_experts
     if not cfg.caps(training) or (not counted_on_device and (below_guard or group_tokens == 0)):
-        return _identity_plan(
-            routing_map,
-            _router_weights(probs, scores, routing_map),
-            group_tokens * bins.experts_per_bin,
-            tokens_before,
-        )
+        return _identity_plan(routing_map, router_weights, uncapped, tokens_before)
 
     capacity = capacity_fn(
         group_tokens,
@@ -168,7 +166,7 @@ def plan_routing(
         num_dropped = tokens_before.sum() - tokens_after.sum()
         num_rerouted = torch.zeros_like(num_dropped)
     if cfg.policy == "reroute":
-        carried = _router_weights(probs, scores, routing_map) if cfg.reroute_weight == "carry" else None
+        carried = router_weights if cfg.reroute_weight == "carry" else None
         placed = torch_ops.reroute(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
             cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group, carried,
@@ -181,10 +179,10 @@ def plan_routing(
         # the router's gradient flows through the plan's combine weights (kept router picks: its
         # weights; rerouted: the reroute's own, torch ops already; expanded: the score).
         others = new_probs if cfg.policy == "reroute" else scores
-        router = _router_weights(probs, scores, routing_map)
-        new_probs = torch.where(new_map, torch.where(routing_map, router, others.to(router.dtype)), 0)
+        new_probs = torch.where(
+            new_map, torch.where(routing_map, router_weights, others.to(router_weights.dtype)), 0)
     if cfg.renormalize:
-        new_probs = _renormalize(new_probs, _router_weights(probs, scores, routing_map))
+        new_probs = _renormalize(new_probs, router_weights)
     plan = RoutingPlan(
         routing_map=new_map,
         probs=new_probs,
@@ -195,12 +193,7 @@ def plan_routing(
         num_rerouted=num_rerouted,
     )
     if counted_on_device:  # the guard, decided on the device: the identity plan where it holds
-        identity = _identity_plan(
-            routing_map,
-            _router_weights(probs, scores, routing_map),
-            group_tokens * bins.experts_per_bin,
-            tokens_before,
-        )
+        identity = _identity_plan(routing_map, router_weights, uncapped, tokens_before)
         plan = _where(below_guard, identity, plan)
     return plan
 

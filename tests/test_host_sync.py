@@ -1,7 +1,8 @@
 """No host synchronization in the per-forward plan: every policy, priority and scope (global
-over gloo ranks with uneven token counts), torch and Triton backends (host code; kernels under the interpreter), and the plan steps
-of the Megatron dispatcher and the DeepSpeed gate. The recorder fails on every op that would
-copy device data to the host on a GPU (tests/host_sync.py); a planted one proves it watches."""
+over gloo ranks with uneven token counts), torch and Triton backends (host code; kernels under
+the interpreter), and the plan steps of the Megatron dispatcher and the DeepSpeed gate. The
+recorder fails on every op that would copy device data to the host on a GPU
+(tests/host_sync.py); a planted one proves it watches."""
 
 import importlib.util
 import os

@@ -48,7 +48,7 @@ def deepspeed_capacity(
     DeepSpeed multiplies in float32 (a Python float times a 0-dim float32 tensor), which rounds
     differently from Megatron-Core's float64 ``ceil(T * k / E * gamma)`` at some points (T=25,
     E=8, k=4, gamma=1.2: 16 here, 15 there). Host counts: Python and numpy scalars; counts kept
-on the device (0-dim tensors): the same float32 operations in torch, nothing read back.
+    on the device (0-dim tensors): the same float32 operations in torch, nothing read back.
     """
     if isinstance(num_tokens, torch.Tensor) or isinstance(topk, torch.Tensor):  # on the device
         mean = (torch.as_tensor(num_tokens).double() / num_experts).float()

@@ -94,9 +94,9 @@ def reroute(
     # highest first, with the expert each came from.
     picks = listed(routing_map, topk)
     pending = routing_map.gather(1, picks) & ~kept_map.gather(1, picks)
-    pending = torch.sort(listed_keys(scores, picks, pending, priority, seed, token_offset),
-                         dim=1, descending=True)
-    pending_keys, origin = pending.values, picks.gather(1, pending.indices)  # [T, k]
+    by_key = torch.sort(listed_keys(scores, picks, pending, priority, seed, token_offset),
+                        dim=1, descending=True)
+    pending_keys, origin = by_key.values, picks.gather(1, by_key.indices)  # [T, k]
     # A proposal's key is its assignment's: one order by key serves every round's acceptance.
     key_order = torch.sort(pending_keys.reshape(-1), descending=True).indices
     # Each token's experts by score (ties: lower index), and which of them it uses, in that
@@ -162,10 +162,8 @@ def _acceptance(
     keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (num_bins: none, a bin
     of their own, so key_order, the keys' descending order, holds within every real bin)."""
     keys, bins = keys.reshape(-1), bins.reshape(-1)
-    if group is None:
-        room = torch.cat([room, room.new_zeros(1)])
-        return kth_largest(keys, bins, num_bins + 1, room, key_order=key_order)[:num_bins]
-    if isinstance(capacity, torch.Tensor):
-        return kth_largest(keys, bins, num_bins + 1, torch.cat([room, room.new_zeros(1)]), group)[:num_bins]
-    top = group_top_keys(top_keys_per_bin(keys, bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
-    return top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
+    if group is not None and not isinstance(capacity, torch.Tensor):
+        top = group_top_keys(top_keys_per_bin(keys, bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
+        return top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
+    no_room = room.new_zeros(1)  # the bin of no proposal
+    return kth_largest(keys, bins, num_bins + 1, torch.cat([room, no_room]), group, key_order)[:num_bins]

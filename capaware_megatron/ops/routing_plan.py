@@ -12,9 +12,10 @@
 The candidate state of this backend lists each token's candidates, [T, K] with K the most a
 token has (k for the router's picks, k + the local experts for expanded drop), so capacity works
 on T * K assignments instead of all T * E pairs; the Triton backend keeps per-expert key lists.
-Thresholds come from sorting the listed keys by bin (kth_largest; over a group, a radix select
-as the Triton select kernel runs). Every op is a fixed sequence of device ops whose output shapes depend only on (T, E, K, C):
-no host synchronization.
+Thresholds come from one topk over dense bin rows when experts are few per candidate, else from
+sorting the listed keys by bin (kth_largest; over a group, a radix select as the Triton select
+kernel runs). Every op is a fixed sequence of device ops whose output shapes depend only on
+(T, E, K, C): no host synchronization.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def kth_largest(
     select over the keys' bit pattern, 8-bit digits from the top, as the Triton select kernel
     runs within a bin: 8 passes over the N keys, each a [B, 256] digit histogram summed over the
     group (8 fixed-size gathers, the same on every rank), which no rank could size by C.
-    key_order: see _grouped_by_bin (alone only).
+    key_order: see _grouped_by_bin (used alone; the radix select over a group needs none).
     """
     device = keys.device
     if group is None:
@@ -216,8 +217,7 @@ def kth_largest(
         matches = real if step == 0 else real & ((unsigned & (-1 << (shift + 8))) == prefix.take(bins))
         hist = torch.zeros(num_bins * 256, dtype=torch.int64, device=device)
         hist = hist.index_add_(0, slots + digit, matches.long()).view(num_bins, 256)
-        if group is not None:
-            hist = group.all_gather(hist).sum(0)
+        hist = group.all_gather(hist).sum(0)
         if step == 0:
             total = hist.sum(1)
         at_least = hist.flip(1).cumsum(1).flip(1)  # keys with this digit or a larger one

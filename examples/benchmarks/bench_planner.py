@@ -101,7 +101,7 @@ def _time_providers(runs: dict, device: torch.device, rounds: int) -> dict[str, 
     """{provider: (q1, median, q3) seconds}: on CPU the providers interleaved within every round
     (the machine's drift spreads over all of them); on CUDA triton's do_bench, one after another."""
     if device.type == "cuda":
-        return {name: (seconds := median_seconds(run, device),) * 3 for name, run in runs.items()}
+        return {name: (median_seconds(run, device),) * 3 for name, run in runs.items()}
     samples = interleaved_rounds(runs, rounds, warmup=2)
     return {name: quartiles(values) for name, values in samples.items()}
 

@@ -17,10 +17,10 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 import torch
+from timing import parse_benchmark_args
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,7 +33,6 @@ from capaware_megatron import CapacityConfig, plan_routing  # noqa: E402
 from capaware_megatron.config import DEFAULT_REROUTE_ROUNDS  # noqa: E402
 from capaware_megatron.multiprocess import run_gloo  # noqa: E402
 from capaware_megatron.planner import RoutingPlan  # noqa: E402
-from capaware_megatron.quiet import quiet_frameworks  # noqa: E402
 from capaware_megatron.synthetic import skewed_routing  # noqa: E402
 
 ROUNDS = (1, 2, 3, 4, 5, 6, 8)
@@ -131,10 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=16)
     parser.add_argument("--windows-per-batch", type=int, default=16)
-    parser.add_argument("--verbose", action="store_true", help="show the frameworks' own warnings")
-    args = parser.parse_args()
-    quiet_frameworks(args.verbose)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    args = parse_benchmark_args(parser)
     nll, routing = run_gloo(_model_rank, 1, args.batches, args.windows_per_batch, timeout=1800)[0]
     workloads = [(f"trained L{i}", s.float(), m) for i, (s, m, _) in enumerate(routing)]
     for skew in (1.0, 2.0):
@@ -146,7 +142,7 @@ def main() -> None:
             for gamma in GAMMAS]
     print(f"Reroute placement: bounded rounds / exact serial greedy (placed assignments)\n"
           f"machine: {platform.machine()} CPU, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"torch {torch.__version__}; commit {commit}; command: python examples/benchmarks/bench_reroute.py "
+          f"torch {torch.__version__}; commit {args.commit}; command: python examples/benchmarks/bench_reroute.py "
           f"--batches {args.batches}\n")
     head = f"{'routing':<18} {'gamma':>5} {'exact':>6} " + " ".join(f"{f'R={r}':>7}" for r in ROUNDS)
     print(head + "\n" + "-" * len(head))

@@ -46,9 +46,8 @@ def interleaved_rounds(runs: dict[str, Callable[[], object]], rounds: int, warmu
                        on_start: Callable[[str], None] = lambda name: None) -> dict[str, list[float]]:
     """{run: seconds per round} over `rounds` rounds after `warmup`, the runs interleaved within
     every round, in an order rotated from round to round (drift of the machine spreads over all
-    of them). Under torch.distributed each
-    round's time is the slowest rank's: the step waits for it. `on_start(name)` runs before each
-    run (e.g. to switch a layer's configuration)."""
+    of them). Under torch.distributed each round's time is the slowest rank's: the step waits
+    for it. `on_start(name)` runs before each run (e.g. to switch a layer's configuration)."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
