@@ -9,7 +9,8 @@ shapes depend only on (T, E, C): no host synchronization, so a CUDA graph can ho
 
 The exact serial greedy (each overflow assignment in priority order takes the best expert with
 room) is the tests' reference and the benchmarks' yardstick (tests/reference.py), not this path.
-With global scope the rooms and thresholds are the group's, from fixed-size collectives
+Alone, a bin accepts by rank: the proposals' key order is fixed across rounds (a proposal carries
+its assignment's key), so one stable sort of their bins per round ranks them. With global scope the rooms and thresholds are the group's, from fixed-size collectives
 ([B] room, [B, C] top proposal keys per round; with C on the device, the room-th key by radix
 select: 8 [B, 256] gathers per round), so every rank commits the same placements.
 """
@@ -24,7 +25,7 @@ import torch
 from ..config import Count
 from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, listed_keys
-from .routing_plan import group_top_keys, kth_largest, listed, top_keys_per_bin
+from .routing_plan import group_top_keys, kth_largest, listed, ordered_by_bin, top_keys_per_bin
 
 @dataclass(frozen=True)
 class Bins:
@@ -99,71 +100,86 @@ def reroute(
     pending_keys, origin = by_key.values, picks.gather(1, by_key.indices)  # [T, k]
     # A proposal's key is its assignment's: one order by key serves every round's acceptance.
     key_order = torch.sort(pending_keys.reshape(-1), descending=True).indices
-    # Each token's experts by score (ties: lower index), and which of them it uses, in that
-    # order; the extra last column takes the writes of proposals that were not accepted.
+    # Each token's experts by score (ties: lower index).
     preference = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, E]
+    # The bin of each preference slot (the expert itself when bins are experts), and the slots
+    # the token uses; the extra last column takes the writes of proposals that were not accepted.
+    preference_bins = preference if bins.experts_per_bin == 1 else expert_to_bin.take(preference)
     used = torch.ones(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
     used[:, :num_experts] = routing_map.gather(1, preference)
     kept_per_bin = bins.per_bin(kept_per_expert)
     room = capacity - (group.all_gather(kept_per_bin).sum(0) if group is not None else kept_per_bin)
-    targets, proposal_weights = [], []
-    rerouted = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    # Open-expert counts fit the narrowest integer type that holds E (searchsorted runs on it).
+    count_type = torch.int16 if num_experts < 2**15 else torch.int32
+    targets = []
     for _ in range(rounds):
         # The j-th still pending assignment of a token proposes its j-th open expert: the first
         # preference position where the count of open experts reaches j + 1 (E: none left).
-        open_experts = ~used[:, :num_experts] & (room > 0).take(expert_to_bin).take(preference)
-        open_count = open_experts.cumsum(1, dtype=torch.int32)
+        has_room = room > 0
+        open_experts = has_room.expand(num_tokens, -1).gather(1, preference_bins)
+        open_experts &= ~used[:, :num_experts]
         still = pending_keys != NOT_ROUTED
-        position = torch.searchsorted(open_count, still.cumsum(1, dtype=torch.int32))
+        position = torch.searchsorted(
+            open_experts.cumsum(1, dtype=count_type), still.cumsum(1, dtype=count_type))
         proposing = still & (position < num_experts)
         target = preference.gather(1, position.clamp(max=num_experts - 1))  # [T, k]
         proposal_keys = torch.where(proposing, pending_keys, NOT_ROUTED)
         target_bins = expert_to_bin.take(target)
-        threshold = _acceptance(
-            proposal_keys, torch.where(proposing, target_bins, bins.num_bins), bins.num_bins,
-            room, capacity, group, key_order)
-        accepted = proposing & (proposal_keys >= threshold.take(target_bins))
-        accepted &= (room > 0).take(target_bins)
+        accepted = proposing & _accepted(
+            proposal_keys, torch.where(proposing, target_bins, bins.num_bins), room, capacity,
+            group, key_order)
         # Commit: the preference slots now used, the rooms, and the assignments placed.
         used.scatter_(1, torch.where(accepted, position, num_experts), True)
         placed = torch.zeros(bins.num_bins, dtype=torch.int64, device=device).index_add_(
             0, target_bins.reshape(-1), accepted.reshape(-1).long())
         room = room - (group.all_gather(placed).sum(0) if group is not None else placed)
-        rerouted.index_add_(0, target.reshape(-1), accepted.reshape(-1).long())
         targets.append(torch.where(accepted, target, num_experts))
-        proposal_weights.append(
-            scores.gather(1, target) if carried is None else carried.gather(1, origin))
         pending_keys = pending_keys.masked_fill(accepted, NOT_ROUTED)
-    new_map, weights = kept_map, weights
-    if targets:
-        columns = torch.cat(targets, 1)  # [T, rounds * k], E where nothing was placed
-        placed_map = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
-        placed_map = placed_map.scatter_(1, columns, True)[:, :num_experts]
-        placed_weights = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=device)
-        placed_weights = placed_weights.scatter_(
-            1, columns, torch.cat(proposal_weights, 1).to(weights.dtype))[:, :num_experts]
-        new_map = kept_map | placed_map
-        weights = torch.where(placed_map, placed_weights, weights)
-    return Rerouted(new_map, weights, kept_per_expert + rerouted, rerouted.sum())
+    if not targets:
+        return Rerouted(kept_map, weights, kept_per_expert, kept_per_expert.new_zeros(()))
+    columns = torch.cat(targets, 1)  # [T, rounds * k], E where nothing was placed
+    placed_map = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
+    placed_map = placed_map.scatter_(1, columns, True)[:, :num_experts]
+    # A placed assignment weighs its new expert's score, or what its origin weighed (carry).
+    placed_weights = (scores.gather(1, columns.clamp(max=num_experts - 1)) if carried is None
+                      else carried.gather(1, origin).repeat(1, rounds))
+    weights_at = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=device)
+    weights_at = weights_at.scatter_(1, columns, placed_weights.to(weights.dtype))[:, :num_experts]
+    rerouted = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
+        0, columns.reshape(-1), torch.ones_like(columns.reshape(-1)))[:num_experts]
+    return Rerouted(kept_map | placed_map, torch.where(placed_map, weights_at, weights),
+                    kept_per_expert + rerouted, rerouted.sum())
 
 
-def _acceptance(
+def _accepted(
     keys: torch.Tensor,
     bins: torch.Tensor,
-    num_bins: int,
     room: torch.Tensor,
     capacity: Count,
     group: Optional[RoutingGroup],
     key_order: torch.Tensor,
 ) -> torch.Tensor:
-    """[B] the room-th largest proposal key of each bin (its acceptance threshold), over the
-    group: from one [B, C] gather when C is a host int (room <= C), else by radix select.
+    """[T, k] bool: the proposals their bins accept, each bin its largest keys up to its room.
 
-    keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (num_bins: none, a bin
-    of their own, so key_order, the keys' descending order, holds within every real bin)."""
-    keys, bins = keys.reshape(-1), bins.reshape(-1)
-    if group is not None and not isinstance(capacity, torch.Tensor):
-        top = group_top_keys(top_keys_per_bin(keys, bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
-        return top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
-    no_room = room.new_zeros(1)  # the bin of no proposal
-    return kth_largest(keys, bins, num_bins + 1, torch.cat([room, no_room]), group, key_order)[:num_bins]
+    keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (B: none, a bin of
+    their own without room, so key_order, the keys' descending order, holds within every real
+    bin), room [B]. Alone: a proposal's rank among its bin's in key order, against the room.
+    Over a group: the room-th largest key of each bin, group-wide, is the threshold: from one
+    [B, C] gather when C is a host int (room <= C), else by radix select.
+    """
+    num_bins = room.shape[0]
+    flat_bins = bins.reshape(-1)
+    room_or_none = torch.cat([room, room.new_zeros(1)])
+    if group is None:
+        positions, sorted_bins, first = ordered_by_bin(flat_bins, key_order, num_bins + 1)
+        rank = torch.arange(flat_bins.numel(), device=bins.device) - first.take(sorted_bins)
+        fits = rank < room_or_none.take(sorted_bins)
+        return torch.zeros_like(fits).scatter_(0, positions, fits).view_as(keys)
+    flat_keys = keys.reshape(-1)
+    if isinstance(capacity, torch.Tensor):
+        threshold = kth_largest(flat_keys, flat_bins, num_bins + 1, room_or_none, group)
+    else:
+        top = group_top_keys(top_keys_per_bin(flat_keys, flat_bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
+        threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
+        threshold = torch.cat([threshold, threshold.new_zeros(1)])
+    return (keys >= threshold.take(bins)) & (room_or_none > 0).take(bins)

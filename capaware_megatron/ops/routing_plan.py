@@ -138,23 +138,29 @@ def bin_top_keys(items: CandidateItems, bin_experts: torch.Tensor, capacity: int
     return top_keys_per_bin(keys, bins, bin_experts.shape[0], capacity)
 
 
-def _grouped_by_bin(
-    keys: torch.Tensor, bins: torch.Tensor, num_bins: int, key_order: Optional[torch.Tensor] = None
+def ordered_by_bin(
+    bins: torch.Tensor, key_order: torch.Tensor, num_bins: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys grouped by bin, descending within each [N], each bin's first position [B], its
-    real keys [B]): two sorts of the N keys, by key, then (stable) by bin. key_order: [N] the
-    keys' positions in descending order, when the caller knows it (one sort fewer)."""
-    if key_order is None:
-        by_key = torch.sort(keys, descending=True)
-        key_order = by_key.indices
+    """(positions [N] grouped by bin, in key order within each; their bins [N] int64; each
+    bin's first place [B]): one stable sort of the bins taken in key order (key_order: [N] the
+    keys' positions, largest key first)."""
     # Bin indices sort fastest in the narrowest integer type that holds them (radix passes).
     narrow = torch.int16 if num_bins < 2**15 else torch.int32
     by_bin = torch.sort(bins.take(key_order).to(narrow), stable=True)
-    ordered = keys.take(key_order.take(by_bin.indices))
-    empty = torch.zeros(num_bins, dtype=torch.int64, device=keys.device)
-    per_bin = empty.index_add(0, bins, torch.ones_like(bins))
-    real = empty.index_add(0, bins, (keys != NOT_ROUTED).long())
-    return ordered, per_bin.cumsum(0) - per_bin, real
+    per_bin = torch.zeros(num_bins, dtype=torch.int64, device=bins.device).index_add_(
+        0, bins, torch.ones_like(bins))
+    return key_order.take(by_bin.indices), by_bin.values.long(), per_bin.cumsum(0) - per_bin
+
+
+def _grouped_by_bin(
+    keys: torch.Tensor, bins: torch.Tensor, num_bins: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys grouped by bin, descending within each [N], each bin's first position [B], its
+    real keys [B]): two sorts of the N keys, by key, then (stable) by bin."""
+    positions, _, first = ordered_by_bin(bins, torch.sort(keys, descending=True).indices, num_bins)
+    real = torch.zeros(num_bins, dtype=torch.int64, device=keys.device).index_add_(
+        0, bins, (keys != NOT_ROUTED).long())
+    return keys.take(positions), first, real
 
 
 def top_keys_per_bin(keys: torch.Tensor, bins: torch.Tensor, num_bins: int, count: int) -> torch.Tensor:
@@ -184,7 +190,6 @@ def kth_largest(
     num_bins: int,
     kth: torch.Tensor,
     group: Optional[RoutingGroup] = None,
-    key_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """keys [N] (NOT_ROUTED: none) in bins [N], kth [B] int64 -> [B] the kth-largest key of each
     bin (NOT_ROUTED where it holds fewer than kth; a bin with kth < 1 gets some key, which its
@@ -195,13 +200,12 @@ def kth_largest(
     select over the keys' bit pattern, 8-bit digits from the top, as the Triton select kernel
     runs within a bin: 8 passes over the N keys, each a [B, 256] digit histogram summed over the
     group (8 fixed-size gathers, the same on every rank), which no rank could size by C.
-    key_order: see _grouped_by_bin (used alone; the radix select over a group needs none).
     """
     device = keys.device
     if group is None:
         if keys.numel() == 0:
             return torch.full((num_bins,), NOT_ROUTED, dtype=torch.int64, device=device)
-        ordered, first, real = _grouped_by_bin(keys, bins, num_bins, key_order)
+        ordered, first, real = _grouped_by_bin(keys, bins, num_bins)
         kth_key = ordered.take((first + kth - 1).clamp(0, keys.numel() - 1))
         return torch.where((kth >= 1) & (kth <= real), kth_key, NOT_ROUTED)
     real = keys != NOT_ROUTED
