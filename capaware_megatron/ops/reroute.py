@@ -10,9 +10,10 @@ shapes depend only on (T, E, C): no host synchronization, so a CUDA graph can ho
 The exact serial greedy (each overflow assignment in priority order takes the best expert with
 room) is the tests' reference and the benchmarks' yardstick (tests/reference.py), not this path.
 Alone, a bin accepts by rank: the proposals' key order is fixed across rounds (a proposal carries
-its assignment's key), so one stable sort of their bins per round ranks them. With global scope the rooms and thresholds are the group's, from fixed-size collectives
-([B] room, [B, C] top proposal keys per round; with C on the device, the room-th key by radix
-select: 8 [B, 256] gathers per round), so every rank commits the same placements.
+its assignment's key), so one stable sort of their bins per round ranks them. With global scope
+the rooms and thresholds are the group's, from fixed-size collectives ([B] room, [B, C] top
+proposal keys per round; with C on the device, the room-th key by radix select: 8 [B, 256]
+gathers per round), so every rank commits the same placements.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def reroute(
         target = preference.gather(1, position.clamp(max=num_experts - 1))  # [T, k]
         proposal_keys = torch.where(proposing, pending_keys, NOT_ROUTED)
         target_bins = expert_to_bin.take(target)
-        accepted = proposing & _accepted(
+        accepted = _accepted(
             proposal_keys, torch.where(proposing, target_bins, bins.num_bins), room, capacity,
             group, key_order)
         # Commit: the preference slots now used, the rooms, and the assignments placed.
