@@ -170,6 +170,7 @@ def plan_routing(
         placed = torch_ops.reroute(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
             cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group, carried,
+            picks=state if ops is torch_ops else None,  # the torch backend listed the picks already
         )
         new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
         num_rerouted = placed.num_rerouted

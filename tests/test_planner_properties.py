@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from capaware_megatron import CapacityConfig, RoutingGroup, expert_capacity, plan_routing
 from capaware_megatron.ops import kth_largest
+from capaware_megatron.ops.routing_plan import CPU_RADIX_SORT_MIN, sort_small_ints
 from capaware_megatron.priority import NOT_ROUTED
 
 
@@ -176,6 +177,23 @@ def test_kth_largest_is_the_kth_largest(num_bins, length, seed, spread, data):
         real = sorted((int(v) for v in keys[b] if int(v) != NOT_ROUTED), reverse=True)
         want = real[int(kth[b]) - 1] if int(kth[b]) <= len(real) else NOT_ROUTED
         assert int(got[b]) == want
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_values=st.sampled_from([1, 2, 9, 256, 257, 2**15, 2**15 + 1]),
+    length=st.one_of(st.integers(0, 64), st.integers(CPU_RADIX_SORT_MIN - 8, CPU_RADIX_SORT_MIN + 8)),
+    seed=st.integers(0, 2**16),
+)
+def test_sort_small_ints_is_the_stable_sort(num_values, length, seed):
+    """The narrowed (and on CPU padded) sort equals a stable int64 sort: values and indices,
+    either side of the length from which torch's CPU sort runs its radix sort, every narrow
+    type (uint8 / int16 / int32), the largest value (the padding's) present or not."""
+    values = torch.randint(0, num_values, (length,), generator=torch.Generator().manual_seed(seed))
+    got_values, got_indices = sort_small_ints(values, num_values)
+    want = torch.sort(values, stable=True)
+    assert got_indices.dtype == torch.int64
+    assert torch.equal(got_values.long(), want.values) and torch.equal(got_indices, want.indices)
 
 
 @pytest.mark.parametrize("num_experts,topk,per_bin", [(8, 2, 1), (16, 4, 4), (64, 2, 1), (12, 3, 6)])

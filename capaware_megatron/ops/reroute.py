@@ -10,7 +10,9 @@ shapes depend only on (T, E, C): no host synchronization, so a CUDA graph can ho
 The exact serial greedy (each overflow assignment in priority order takes the best expert with
 room) is the tests' reference and the benchmarks' yardstick (tests/reference.py), not this path.
 Alone, a bin accepts by rank: the proposals' key order is fixed across rounds (a proposal carries
-its assignment's key), so one stable sort of their bins per round ranks them. With global scope
+its assignment's key), so one stable sort of their bins per round, taken in that order, finds
+each bin's cutoff (the rank of the last proposal its room admits) and acceptance is a compare
+of ranks. With global scope
 the rooms and thresholds are the group's, from fixed-size collectives ([B] room, [B, C] top
 proposal keys per round; with C on the device, the room-th key by radix select: 8 [B, 256]
 gathers per round), so every rank commits the same placements.
@@ -26,7 +28,14 @@ import torch
 from ..config import Count
 from ..group import RoutingGroup
 from ..priority import NOT_ROUTED, listed_keys
-from .routing_plan import group_top_keys, kth_largest, listed, ordered_by_bin, top_keys_per_bin
+from .routing_plan import (
+    CandidateItems,
+    group_top_keys,
+    kth_largest,
+    listed,
+    sort_small_ints,
+    top_keys_per_bin,
+)
 
 @dataclass(frozen=True)
 class Bins:
@@ -73,6 +82,7 @@ def reroute(
     token_offset: Count = 0,
     group: Optional[RoutingGroup] = None,
     carried: Optional[torch.Tensor] = None,
+    picks: Optional[CandidateItems] = None,
 ) -> Rerouted:
     """Place the router assignments drop removed (routing_map & ~kept_map) in `rounds` rounds.
 
@@ -88,19 +98,27 @@ def reroute(
         group: global scope's ranks (room and acceptance are group-wide), or None.
         carried: [T, E] the router's weights: a rerouted assignment then weighs the weight of
             the assignment it replaces (reroute_weight "carry"); None: its new expert's score.
+        picks: the router's picks listed with their keys ([T, k], the torch backend's candidate
+            state for policy reroute), when drop already listed them; None: listed here.
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
     expert_to_bin = bins.expert_to_bin
-    # The router's picks, listed: [T, k]; the pending ones (drop removed them) ordered by key,
-    # highest first, with the expert each came from.
-    picks = listed(routing_map, topk)
-    pending = routing_map.gather(1, picks) & ~kept_map.gather(1, picks)
-    by_key = torch.sort(listed_keys(scores, picks, pending, priority, seed, token_offset),
+    if picks is None:
+        experts = listed(routing_map, topk)
+        picks = CandidateItems(experts, listed_keys(
+            scores, experts, routing_map.gather(1, experts), priority, seed, token_offset))
+    # The pending assignments (drop removed them), each token's ordered by key, highest first,
+    # with the expert each came from: [T, k].
+    by_key = torch.sort(picks.keys.masked_fill(kept_map.gather(1, picks.experts), NOT_ROUTED),
                         dim=1, descending=True)
-    pending_keys, origin = by_key.values, picks.gather(1, by_key.indices)  # [T, k]
-    # A proposal's key is its assignment's: one order by key serves every round's acceptance.
-    key_order = torch.sort(pending_keys.reshape(-1), descending=True).indices
+    pending_keys, origin = by_key.values, picks.experts.gather(1, by_key.indices)
+    still = pending_keys != NOT_ROUTED  # [T, k] pending
+    # A proposal's key is its assignment's, so one order by key serves every round's acceptance:
+    # each assignment's rank in it, [T, k] (the keys negated bitwise: an ascending stable sort).
+    key_order = torch.sort(~pending_keys.reshape(-1), stable=True).indices
+    key_rank = torch.empty_like(key_order).scatter_(
+        0, key_order, torch.arange(key_order.numel(), device=device)).view_as(pending_keys)
     # Each token's experts by score (ties: lower index).
     preference = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, E]
     # The bin of each preference slot (the expert itself when bins are experts), and the slots
@@ -110,32 +128,34 @@ def reroute(
     used[:, :num_experts] = routing_map.gather(1, preference)
     kept_per_bin = bins.per_bin(kept_per_expert)
     room = capacity - (group.all_gather(kept_per_bin).sum(0) if group is not None else kept_per_bin)
+    room_before = room
     # Open-expert counts fit the narrowest integer type that holds E (searchsorted runs on it).
     count_type = torch.int16 if num_experts < 2**15 else torch.int32
     targets = []
     for _ in range(rounds):
         # The j-th still pending assignment of a token proposes its j-th open expert: the first
         # preference position where the count of open experts reaches j + 1 (E: none left).
-        has_room = room > 0
-        open_experts = has_room.expand(num_tokens, -1).gather(1, preference_bins)
+        open_experts = (room > 0).expand(num_tokens, -1).gather(1, preference_bins)
         open_experts &= ~used[:, :num_experts]
-        still = pending_keys != NOT_ROUTED
         position = torch.searchsorted(
             open_experts.cumsum(1, dtype=count_type), still.cumsum(1, dtype=count_type))
         proposing = still & (position < num_experts)
         target = preference.gather(1, position.clamp(max=num_experts - 1))  # [T, k]
-        proposal_keys = torch.where(proposing, pending_keys, NOT_ROUTED)
-        target_bins = expert_to_bin.take(target)
-        accepted = _accepted(
-            proposal_keys, torch.where(proposing, target_bins, bins.num_bins), room, capacity,
-            group, key_order)
+        target_bins = target if bins.experts_per_bin == 1 else expert_to_bin.take(target)
+        target_bins = target_bins.masked_fill(~proposing, bins.num_bins)
+        if group is None:
+            accepted, placed = _accepted_by_rank(key_rank, key_order, target_bins, room)
+        else:
+            accepted = _accepted_over_group(
+                pending_keys.masked_fill(~proposing, NOT_ROUTED), target_bins, room, capacity, group)
+            placed = torch.zeros(bins.num_bins + 1, dtype=room.dtype, device=device).index_add_(
+                0, target_bins.reshape(-1), accepted.reshape(-1).long())[: bins.num_bins]
+            placed = group.all_gather(placed).sum(0)
         # Commit: the preference slots now used, the rooms, and the assignments placed.
-        used.scatter_(1, torch.where(accepted, position, num_experts), True)
-        placed = torch.zeros(bins.num_bins, dtype=torch.int64, device=device).index_add_(
-            0, target_bins.reshape(-1), accepted.reshape(-1).long())
-        room = room - (group.all_gather(placed).sum(0) if group is not None else placed)
-        targets.append(torch.where(accepted, target, num_experts))
-        pending_keys = pending_keys.masked_fill(accepted, NOT_ROUTED)
+        used.scatter_(1, position.masked_fill(~accepted, num_experts), True)
+        room = room - placed
+        targets.append(target.masked_fill(~accepted, num_experts))
+        still = still & ~accepted
     if not targets:
         return Rerouted(kept_map, weights, kept_per_expert, kept_per_expert.new_zeros(()))
     columns = torch.cat(targets, 1)  # [T, rounds * k], E where nothing was placed
@@ -146,37 +166,51 @@ def reroute(
                       else carried.gather(1, origin).repeat(1, rounds))
     weights_at = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=device)
     weights_at = weights_at.scatter_(1, columns, placed_weights.to(weights.dtype))[:, :num_experts]
-    rerouted = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
-        0, columns.reshape(-1), torch.ones_like(columns.reshape(-1)))[:num_experts]
+    if group is None and bins.experts_per_bin == 1:
+        rerouted = room_before - room  # alone, each expert its own bin: what its room lost
+    else:
+        rerouted = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
+            0, columns.reshape(-1), torch.ones_like(columns.reshape(-1)))[:num_experts]
     return Rerouted(kept_map | placed_map, torch.where(placed_map, weights_at, weights),
                     kept_per_expert + rerouted, rerouted.sum())
 
 
-def _accepted(
-    keys: torch.Tensor,
-    bins: torch.Tensor,
-    room: torch.Tensor,
-    capacity: Count,
-    group: Optional[RoutingGroup],
-    key_order: torch.Tensor,
-) -> torch.Tensor:
-    """[T, k] bool: the proposals their bins accept, each bin its largest keys up to its room.
+def _accepted_by_rank(
+    key_rank: torch.Tensor, key_order: torch.Tensor, bins: torch.Tensor, room: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted [T, k] bool, placed [B] int64): each bin accepts its first proposals in key
+    order, up to its room.
 
-    keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (B: none, a bin of
-    their own without room, so key_order, the keys' descending order, holds within every real
-    bin), room [B]. Alone: a proposal's rank among its bin's in key order, against the room.
-    Over a group: the room-th largest key of each bin, group-wide, is the threshold: from one
-    [B, C] gather when C is a host int (room <= C), else by radix select.
+    key_order [T * k]: the proposals' flat positions, largest key first; key_rank [T, k]: each
+    proposal's place in that order; bins [T, k] the target bins (B: no proposal), room [B].
+    One stable sort of the bins taken in key order groups each bin's proposals in key order;
+    the rank of the last one a bin admits is its cutoff, so acceptance is a compare of ranks
+    and nothing is scattered back.
     """
     num_bins = room.shape[0]
-    flat_bins = bins.reshape(-1)
+    num_items = key_order.numel()
+    sorted_bins, ranks = sort_small_ints(bins.reshape(-1).take(key_order), num_bins + 1)
+    start = torch.searchsorted(sorted_bins, torch.arange(num_bins + 1, device=bins.device,
+                                                         dtype=sorted_bins.dtype))  # [B + 1]
+    placed = torch.minimum(start[1:] - start[:-1], room)
+    last = ranks.take((start[:-1] + placed - 1).clamp(0, num_items - 1))
+    cutoff = torch.cat([torch.where(placed > 0, last, -1), last.new_full((1,), -1)])
+    return key_rank <= cutoff.take(bins), placed
+
+
+def _accepted_over_group(
+    keys: torch.Tensor, bins: torch.Tensor, room: torch.Tensor, capacity: Count, group: RoutingGroup
+) -> torch.Tensor:
+    """[T, k] bool: the proposals their bins accept, each bin its largest keys group-wide up
+    to its room: the room-th largest key of each bin over the group is the threshold, from one
+    [B, C] gather when C is a host int (room <= C), else by radix select.
+
+    keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (B: none, a bin of
+    their own without room), room [B].
+    """
+    num_bins = room.shape[0]
+    flat_bins, flat_keys = bins.reshape(-1), keys.reshape(-1)
     room_or_none = torch.cat([room, room.new_zeros(1)])
-    if group is None:
-        positions, sorted_bins, first = ordered_by_bin(flat_bins, key_order, num_bins + 1)
-        rank = torch.arange(flat_bins.numel(), device=bins.device) - first.take(sorted_bins)
-        fits = rank < room_or_none.take(sorted_bins)
-        return torch.zeros_like(fits).scatter_(0, positions, fits).view_as(keys)
-    flat_keys = keys.reshape(-1)
     if isinstance(capacity, torch.Tensor):
         threshold = kth_largest(flat_keys, flat_bins, num_bins + 1, room_or_none, group)
     else:

@@ -138,18 +138,37 @@ def bin_top_keys(items: CandidateItems, bin_experts: torch.Tensor, capacity: int
     return top_keys_per_bin(keys, bins, bin_experts.shape[0], capacity)
 
 
+CPU_RADIX_SORT_MIN = 32768
+"""torch's CPU stable sort of integers uses a radix sort from this many elements on (below it a
+comparison sort several times slower: 0.5 ms for 16384 int16 vs 0.16 ms for 32768, measured)."""
+
+
+def sort_small_ints(values: torch.Tensor, num_values: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values [N] in [0, num_values) -> (sorted [N], in the narrowest integer type that holds
+    them; the stable order's indices [N] int64).
+
+    Radix passes are per byte, so the narrow type sorts fastest; on CPU a short array is padded
+    with the largest value (sorted last, stably after the real ones) up to CPU_RADIX_SORT_MIN.
+    """
+    narrow = torch.uint8 if num_values <= 2**8 else torch.int16 if num_values <= 2**15 else torch.int32
+    count = values.numel()
+    values = values.to(narrow)
+    if values.device.type == "cpu" and 0 < count < CPU_RADIX_SORT_MIN:
+        values = torch.nn.functional.pad(values, (0, CPU_RADIX_SORT_MIN - count), value=num_values - 1)
+    ordered = torch.sort(values, stable=True)
+    return ordered.values[:count], ordered.indices[:count]
+
+
 def ordered_by_bin(
     bins: torch.Tensor, key_order: torch.Tensor, num_bins: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions [N] grouped by bin, in key order within each; their bins [N] int64; each
-    bin's first place [B]): one stable sort of the bins taken in key order (key_order: [N] the
-    keys' positions, largest key first)."""
-    # Bin indices sort fastest in the narrowest integer type that holds them (radix passes).
-    narrow = torch.int16 if num_bins < 2**15 else torch.int32
-    by_bin = torch.sort(bins.take(key_order).to(narrow), stable=True)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [N] grouped by bin, in key order within each; each bin's first place [B]): one
+    stable sort of the bins taken in key order (key_order: [N] the keys' positions, largest key
+    first)."""
+    by_bin = sort_small_ints(bins.take(key_order), num_bins)[1]
     per_bin = torch.zeros(num_bins, dtype=torch.int64, device=bins.device).index_add_(
         0, bins, torch.ones_like(bins))
-    return key_order.take(by_bin.indices), by_bin.values.long(), per_bin.cumsum(0) - per_bin
+    return key_order.take(by_bin), per_bin.cumsum(0) - per_bin
 
 
 def _grouped_by_bin(
@@ -157,7 +176,7 @@ def _grouped_by_bin(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys grouped by bin, descending within each [N], each bin's first position [B], its
     real keys [B]): two sorts of the N keys, by key, then (stable) by bin."""
-    positions, _, first = ordered_by_bin(bins, torch.sort(keys, descending=True).indices, num_bins)
+    positions, first = ordered_by_bin(bins, torch.sort(keys, descending=True).indices, num_bins)
     real = torch.zeros(num_bins, dtype=torch.int64, device=keys.device).index_add_(
         0, bins, (keys != NOT_ROUTED).long())
     return keys.take(positions), first, real
