@@ -410,7 +410,7 @@ def _max_candidates(
 
 def _bins(cfg: CapacityConfig, layout: Optional[ExpertLayout], num_experts: int, device: torch.device) -> Bins:
     if cfg.scope != "device":
-        return Bins(torch.arange(num_experts, device=device), num_experts, 1)
+        return Bins(torch.arange(num_experts, device=device), num_experts, 1, are_experts=True)
     return Bins(layout.expert_to_rank, layout.num_ranks, layout.experts_per_rank)
 
 

@@ -71,6 +71,20 @@ def test_matches_reference_all_priorities(
     )
 
 
+@pytest.mark.parametrize("expert_to_rank", [[1, 0, 3, 2, 5, 4, 7, 6], [3, 2, 1, 0, 3, 2, 1, 0], [2, 0, 1, 3, 0, 1, 3, 2]])
+@pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
+@pytest.mark.parametrize("gamma", [0.6, 1.0])
+def test_device_scope_with_experts_not_in_rank_order(expert_to_rank, policy, gamma):
+    """EP ranks need not hold contiguous experts, one expert each or several: each rank's cap
+    holds and the plan is the reference's."""
+    scores, routing_map = skewed_routing(300, 8, 2, skew=2.0, seed=5)
+    cfg = CapacityConfig(gamma, policy=policy, scope="device", reroute_rounds=8)
+    plan = _check_against_reference(scores, routing_map, cfg, local_experts=[0, 5], expert_to_rank=expert_to_rank)
+    per_rank = torch.zeros(max(expert_to_rank) + 1, dtype=torch.int64).index_add_(
+        0, torch.tensor(expert_to_rank), plan.tokens_per_expert_after)
+    assert int(per_rank.max()) <= plan.capacity
+
+
 @pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
 def test_renormalize_and_router_probs(policy):
     scores, routing_map = skewed_routing(200, 8, 2, skew=2.0)

@@ -26,7 +26,9 @@ def routings(draw):
     routing_map = torch.zeros(num_tokens, num_experts, dtype=torch.bool).scatter(1, top, True)
     divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
     per_rank = draw(st.sampled_from(divisors))
-    expert_to_rank = [e // per_rank for e in range(num_experts)]
+    # EP ranks need not hold contiguous experts: any balanced mapping.
+    slot = draw(st.permutations(range(num_experts)))
+    expert_to_rank = [slot[e] // per_rank for e in range(num_experts)]
     local = draw(st.sets(st.integers(0, num_experts - 1), max_size=num_experts))
     cfg = CapacityConfig(
         capacity_factor=(factor := draw(st.one_of(st.none(), st.floats(0.05, 3.0)))),

@@ -39,11 +39,14 @@ from .routing_plan import (
 
 @dataclass(frozen=True)
 class Bins:
-    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m."""
+    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m;
+    are_experts: expert_to_bin is arange(E) (each expert its own bin, scopes local and global),
+    so bins need no lookup. EP ranks of one expert each need not hold them in order: False."""
 
     expert_to_bin: torch.Tensor
     num_bins: int
     experts_per_bin: int
+    are_experts: bool = False
 
     @property
     def experts(self) -> torch.Tensor:
@@ -123,7 +126,7 @@ def reroute(
     preference = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, E]
     # The bin of each preference slot (the expert itself when bins are experts), and the slots
     # the token uses; the extra last column takes the writes of proposals that were not accepted.
-    preference_bins = preference if bins.experts_per_bin == 1 else expert_to_bin.take(preference)
+    preference_bins = preference if bins.are_experts else expert_to_bin.take(preference)
     used = torch.ones(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
     used[:, :num_experts] = routing_map.gather(1, preference)
     kept_per_bin = bins.per_bin(kept_per_expert)
@@ -141,7 +144,7 @@ def reroute(
             open_experts.cumsum(1, dtype=count_type), still.cumsum(1, dtype=count_type))
         proposing = still & (position < num_experts)
         target = preference.gather(1, position.clamp(max=num_experts - 1))  # [T, k]
-        target_bins = target if bins.experts_per_bin == 1 else expert_to_bin.take(target)
+        target_bins = target if bins.are_experts else expert_to_bin.take(target)
         target_bins = target_bins.masked_fill(~proposing, bins.num_bins)
         if group is None:
             accepted, placed = _accepted_by_rank(key_rank, key_order, target_bins, room)
@@ -166,7 +169,7 @@ def reroute(
                       else carried.gather(1, origin).repeat(1, rounds))
     weights_at = torch.zeros(num_tokens, num_experts + 1, dtype=weights.dtype, device=device)
     weights_at = weights_at.scatter_(1, columns, placed_weights.to(weights.dtype))[:, :num_experts]
-    if group is None and bins.experts_per_bin == 1:
+    if group is None and bins.are_experts:
         rerouted = room_before - room  # alone, each expert its own bin: what its room lost
     else:
         rerouted = torch.zeros(num_experts + 1, dtype=torch.int64, device=device).index_add_(
