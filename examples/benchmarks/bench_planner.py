@@ -4,7 +4,9 @@
 
 Megatron-Core's path is apply_router_token_dropping (drop_policy="probs") followed by its
 permute index computation, i.e. what its all-to-all dispatcher does with a capacity factor.
-The memory floor is (scores read + plan written) / measured copy bandwidth: the plan is the
+The ":preference-sort" row times reroute's one [T, E] row sort alone (each token's experts by
+score, ties to the lower index): every reroute that proposes a token's next-best expert with room
+needs that order, so its ratio to drop is a floor under reroute's. The memory floor is (scores read + plan written) / measured copy bandwidth: the plan is the
 routing map (1 B) and the weights (4 B) per (token, expert), plus the permutation indices.
 
 A second table models the Triton planner's DRAM traffic from the plan itself (which bins
@@ -18,6 +20,7 @@ import argparse
 import csv
 import importlib.util
 import sys
+from functools import partial
 
 import torch
 from timing import copy_bandwidth, device_name, interleaved_rounds, median_seconds, parse_benchmark_args, quartiles
@@ -118,11 +121,12 @@ def main() -> None:
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     # Megatron-Core offers drop only; reroute rows show what placing the overflow costs.
     megatron = ["megatron"] if importlib.util.find_spec("megatron") is not None else []  # not on every GPU image
-    providers = backends + megatron + [f"{backend}:reroute" for backend in backends]
+    providers = backends + megatron + [f"{backend}:{part}" for part in ("reroute", "preference-sort")
+                                       for backend in backends]
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {args.commit}")
     print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians "
           f"(quartiles) of {args.rounds} rounds, the providers interleaved within each round\n")
-    print(f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>15} {'time ms':>9} {'(q1-q3)':>17} "
+    print(f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>21} {'time ms':>9} {'(q1-q3)':>17} "
           f"{'GB/s':>6} {'x floor':>8} {'/ drop':>7} {'/ Mcore':>8}")
     rows = []
     for name, num_tokens, num_experts, topk in tqdm(SHAPES, desc="planner benchmark", unit="shape",
@@ -134,11 +138,12 @@ def main() -> None:
         runs = {}
         for provider in providers:
             backend, _, policy = provider.partition(":")
-            runs[provider] = (
-                _megatron_path(scores, routing_map, topk, args.gamma)
-                if provider == "megatron"
-                else _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop")
-            )
+            if provider == "megatron":
+                runs[provider] = _megatron_path(scores, routing_map, topk, args.gamma)
+            elif policy == "preference-sort":
+                runs[provider] = partial(torch.sort, scores.float(), dim=1, descending=True, stable=True)
+            else:
+                runs[provider] = _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop")
         timed = _time_providers(runs, device, args.rounds)
         for provider, (q1, seconds, q3) in timed.items():
             backend = provider.partition(":")[0]
@@ -150,7 +155,7 @@ def main() -> None:
             rows.append(row)
             ratios = "".join(f" {value:>{width}.2f}" if value is not None else f" {'':>{width}}"
                              for value, width in ((row["per_drop"], 7), (row["per_megatron"], 8)))
-            tqdm.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>15} "
+            tqdm.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>21} "
                        f"{row['ms']:>9.3f} {f'({q1 * 1e3:.3f}-{q3 * 1e3:.3f})':>17} {row['gbps']:>6.1f} "
                        f"{row['x_floor']:>8.1f}{ratios}", file=sys.stdout)
     print_traffic_model(SHAPES, args.gamma)
