@@ -121,8 +121,8 @@ def main() -> None:
     backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
     # Megatron-Core offers drop only; reroute rows show what placing the overflow costs.
     megatron = ["megatron"] if importlib.util.find_spec("megatron") is not None else []  # not on every GPU image
-    providers = backends + megatron + [f"{backend}:{part}" for part in ("reroute", "preference-sort")
-                                       for backend in backends]
+    # The preference sort is the same torch op under either backend: one row, against torch's drop.
+    providers = backends + megatron + [f"{backend}:reroute" for backend in backends] + ["torch:preference-sort"]
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {args.commit}")
     print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians "
           f"(quartiles) of {args.rounds} rounds, the providers interleaved within each round\n")
