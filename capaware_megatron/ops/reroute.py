@@ -12,10 +12,9 @@ room) is the tests' reference and the benchmarks' yardstick (tests/reference.py)
 Alone, a bin accepts by rank: the proposals' key order is fixed across rounds (a proposal carries
 its assignment's key), so one stable sort of their bins per round, taken in that order, finds
 each bin's cutoff (the rank of the last proposal its room admits) and acceptance is a compare
-of ranks. With global scope
-the rooms and thresholds are the group's, from fixed-size collectives ([B] room, [B, C] top
-proposal keys per round; with C on the device, the room-th key by radix select: 8 [B, 256]
-gathers per round), so every rank commits the same placements.
+of ranks. With global scope the rooms and thresholds are the group's, from fixed-size
+collectives ([B] room, [B, C] top proposal keys per round; with C on the device, the room-th key
+by radix select: 8 [B, 256] gathers per round), so every rank commits the same placements.
 """
 
 from __future__ import annotations
