@@ -30,6 +30,25 @@ def test_every_provider_runs(provider):
     run()
 
 
+@pytest.mark.parametrize("provider", ["torch", "torch:reroute", "megatron"])
+def test_host_syncs_are_counted_per_plan(provider):
+    """The plan step has none; the permutation after it, sized from the map, has one at least:
+    the counter sees what it must."""
+    if provider == "megatron":
+        pytest.importorskip("megatron.core")
+    scores, routing_map = skewed_routing(64, 8, 2, skew=1.0)
+    backend, _, policy = provider.partition(":")
+
+    def path(permute):
+        if provider == "megatron":
+            return bench_planner._megatron_path(scores, routing_map, 2, 1.0, permute=permute)
+        return bench_planner._ours(scores, routing_map, 2, 1.0, backend, policy or "drop", permute=permute)
+
+    cpu = torch.device("cpu")
+    assert bench_planner.host_syncs(path(permute=False), cpu) == 0
+    assert bench_planner.host_syncs(path(permute=True), cpu) >= 1
+
+
 def test_traffic_model_terms():
     scores, routing_map = skewed_routing(512, 8, 2, skew=2.0)
     plan = plan_routing(scores, routing_map, CapacityConfig(1.0), topk=2)

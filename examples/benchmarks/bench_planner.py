@@ -19,36 +19,46 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import os
 import sys
+import warnings
 from functools import partial
 
 import torch
 from timing import copy_bandwidth, device_name, interleaved_rounds, median_seconds, parse_benchmark_args, quartiles
 from tqdm import tqdm
 
-from capaware_megatron import CapacityConfig, plan_routing
-from capaware_megatron.synthetic import skewed_routing
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+from host_sync import HostSyncRecorder  # noqa: E402
+
+from capaware_megatron import CapacityConfig, plan_routing  # noqa: E402
+from capaware_megatron.synthetic import skewed_routing  # noqa: E402
 
 SHAPES = [("Mixtral", 8192, 8, 2), ("DeepSeek-V2-Lite", 16384, 64, 8), ("DeepSeek-V3", 16384, 256, 8)]
 
 
-def _megatron_path(scores, routing_map, topk, gamma):
+def _megatron_path(scores, routing_map, topk, gamma, permute=True):
+    """Megatron-Core's capacity drop, then (permute) its permutation, sized on the host."""
     from megatron.core.transformer.moe import moe_utils
 
     def run():
         probs, new_map = moe_utils.apply_router_token_dropping(
             scores * routing_map, routing_map, topk, gamma, drop_policy="probs"
         )
-        moe_utils.permute(scores[:, :1], new_map, probs=probs, num_out_tokens=int(new_map.sum()))
+        if permute:
+            moe_utils.permute(scores[:, :1], new_map, probs=probs, num_out_tokens=int(new_map.sum()))
 
     return run
 
 
-def _ours(scores, routing_map, topk, gamma, backend, policy):
+def _ours(scores, routing_map, topk, gamma, backend, policy, permute=True):
+    """Our plan, then (permute) the permutation indices of what it keeps."""
     cfg = CapacityConfig(gamma, policy=policy, backend=backend)
 
     def run():
         plan = plan_routing(scores, routing_map, cfg, validate=False, topk=topk)
+        if not permute:
+            return
         if backend == "triton":
             from capaware_megatron.kernels import permutation_indices
 
@@ -59,6 +69,25 @@ def _ours(scores, routing_map, topk, gamma, backend, policy):
             )
 
     return run
+
+
+def host_syncs(run, device: torch.device) -> int:
+    """Host synchronizations in one call of run: on CUDA the ones torch's sync debug mode reports,
+    on CPU the ops that would synchronize on a GPU (tests/host_sync.py: value reads and ops
+    whose output shape depends on the data)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(warning.message) for warning in caught)
+    with HostSyncRecorder() as recorder:
+        run()
+    return len(recorder.ops)
 
 
 def triton_traffic(routing_map: torch.Tensor, topk: int, plan) -> dict[str, int]:
@@ -125,9 +154,11 @@ def main() -> None:
     providers = backends + megatron + [f"{backend}:reroute" for backend in backends] + ["torch:preference-sort"]
     print(f"device: {device_name(device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; commit {args.commit}")
     print(f"policy drop (unless :reroute), priority score, gamma {args.gamma}; times are medians "
-          f"(quartiles) of {args.rounds} rounds, the providers interleaved within each round\n")
+          f"(quartiles) of {args.rounds} rounds, the providers interleaved within each round; syncs: "
+          f"host synchronizations in one plan (not the permutation after it: Megatron-Core's is sized "
+          f"on the host)\n")
     print(f"{'shape':>18} {'T':>6} {'E':>4} {'k':>2} {'provider':>21} {'time ms':>9} {'(q1-q3)':>17} "
-          f"{'GB/s':>6} {'x floor':>8} {'/ drop':>7} {'/ Mcore':>8}")
+          f"{'GB/s':>6} {'x floor':>8} {'/ drop':>7} {'/ Mcore':>8} {'syncs':>6}")
     rows = []
     for name, num_tokens, num_experts, topk in tqdm(SHAPES, desc="planner benchmark", unit="shape",
                                                      dynamic_ncols=True):
@@ -135,15 +166,19 @@ def main() -> None:
         scores, routing_map = scores.to(device), routing_map.to(device)
         traffic = _floor_bytes(num_tokens, num_experts, num_tokens * topk)
         floor = traffic / bandwidth
-        runs = {}
+        runs, syncs = {}, {}
         for provider in providers:
             backend, _, policy = provider.partition(":")
             if provider == "megatron":
                 runs[provider] = _megatron_path(scores, routing_map, topk, args.gamma)
+                plan_step = _megatron_path(scores, routing_map, topk, args.gamma, permute=False)
             elif policy == "preference-sort":
-                runs[provider] = partial(torch.sort, scores.float(), dim=1, descending=True, stable=True)
+                runs[provider] = plan_step = partial(
+                    torch.sort, scores.float(), dim=1, descending=True, stable=True)
             else:
                 runs[provider] = _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop")
+                plan_step = _ours(scores, routing_map, topk, args.gamma, backend, policy or "drop", permute=False)
+            syncs[provider] = host_syncs(plan_step, device)
         timed = _time_providers(runs, device, args.rounds)
         for provider, (q1, seconds, q3) in timed.items():
             backend = provider.partition(":")[0]
@@ -151,13 +186,13 @@ def main() -> None:
                        ms=seconds * 1e3, q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, gbps=traffic / seconds / 1e9,
                        x_floor=seconds / floor, per_drop=seconds / timed[backend][1] if backend in backends else None,
                        per_megatron=seconds / timed["megatron"][1] if "megatron" in timed else None,
-                       device=device_name(device), commit=args.commit)
+                       syncs=syncs[provider], device=device_name(device), commit=args.commit)
             rows.append(row)
             ratios = "".join(f" {value:>{width}.2f}" if value is not None else f" {'':>{width}}"
                              for value, width in ((row["per_drop"], 7), (row["per_megatron"], 8)))
             tqdm.write(f"{name:>18} {num_tokens:>6} {num_experts:>4} {topk:>2} {provider:>21} "
                        f"{row['ms']:>9.3f} {f'({q1 * 1e3:.3f}-{q3 * 1e3:.3f})':>17} {row['gbps']:>6.1f} "
-                       f"{row['x_floor']:>8.1f}{ratios}", file=sys.stdout)
+                       f"{row['x_floor']:>8.1f}{ratios} {row['syncs']:>6}", file=sys.stdout)
     print_traffic_model(SHAPES, args.gamma)
     if args.csv:
         with open(args.csv, "w", newline="") as handle:
