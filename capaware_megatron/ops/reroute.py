@@ -124,10 +124,11 @@ def reroute(
     # Each token's experts by score (ties: lower index).
     preference = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices  # [T, E]
     # The bin of each preference slot (the expert itself when bins are experts), and the slots
-    # the token uses; the extra last column takes the writes of proposals that were not accepted.
+    # the token does not use yet; the extra last column takes the writes of proposals that were
+    # not accepted.
     preference_bins = preference if bins.are_experts else expert_to_bin.take(preference)
-    used = torch.ones(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
-    used[:, :num_experts] = routing_map.gather(1, preference)
+    free = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
+    free[:, :num_experts] = ~routing_map.gather(1, preference)
     kept_per_bin = bins.per_bin(kept_per_expert)
     room = capacity - (group.all_gather(kept_per_bin).sum(0) if group is not None else kept_per_bin)
     room_before = room
@@ -138,7 +139,7 @@ def reroute(
         # The j-th still pending assignment of a token proposes its j-th open expert: the first
         # preference position where the count of open experts reaches j + 1 (E: none left).
         open_experts = (room > 0).expand(num_tokens, -1).gather(1, preference_bins)
-        open_experts &= ~used[:, :num_experts]
+        open_experts &= free[:, :num_experts]
         position = torch.searchsorted(
             open_experts.cumsum(1, dtype=count_type), still.cumsum(1, dtype=count_type))
         proposing = still & (position < num_experts)
@@ -154,10 +155,11 @@ def reroute(
                 0, target_bins.reshape(-1), accepted.reshape(-1).long())[: bins.num_bins]
             placed = group.all_gather(placed).sum(0)
         # Commit: the preference slots now used, the rooms, and the assignments placed.
-        used.scatter_(1, position.masked_fill(~accepted, num_experts), True)
+        rejected = ~accepted
+        free.scatter_(1, position.masked_fill(rejected, num_experts), False)
         room = room - placed
-        targets.append(target.masked_fill(~accepted, num_experts))
-        still = still & ~accepted
+        targets.append(target.masked_fill(rejected, num_experts))
+        still &= rejected
     if not targets:
         return Rerouted(kept_map, weights, kept_per_expert, kept_per_expert.new_zeros(()))
     columns = torch.cat(targets, 1)  # [T, rounds * k], E where nothing was placed
