@@ -184,13 +184,15 @@ def test_kth_largest_is_the_kth_largest(num_bins, length, seed, spread, data):
 @settings(max_examples=60, deadline=None)
 @given(
     num_values=st.sampled_from([1, 2, 9, 256, 257, 2**15, 2**15 + 1]),
-    length=st.one_of(st.integers(0, 64), st.integers(CPU_RADIX_SORT_MIN - 8, CPU_RADIX_SORT_MIN + 8)),
+    length=st.one_of(st.integers(0, 64), st.integers(CPU_RADIX_SORT_MIN // 6 - 4, CPU_RADIX_SORT_MIN // 6 + 4),
+                     st.integers(CPU_RADIX_SORT_MIN - 8, CPU_RADIX_SORT_MIN + 8)),
     seed=st.integers(0, 2**16),
 )
 def test_sort_small_ints_is_the_stable_sort(num_values, length, seed):
     """The narrowed (and on CPU padded) sort equals a stable int64 sort: values and indices,
-    either side of the length from which torch's CPU sort runs its radix sort, every narrow
-    type (uint8 / int16 / int32), the largest value (the padding's) present or not."""
+    either side of the lengths from which it pads and from which torch's CPU sort runs its
+    radix sort, every narrow type (uint8 / int16 / int32), the largest value (the padding's)
+    present or not."""
     values = torch.randint(0, num_values, (length,), generator=torch.Generator().manual_seed(seed))
     got_values, got_indices = sort_small_ints(values, num_values)
     want = torch.sort(values, stable=True)
