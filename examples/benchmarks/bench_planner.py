@@ -6,8 +6,10 @@ Megatron-Core's path is apply_router_token_dropping (drop_policy="probs") follow
 permute index computation, i.e. what its all-to-all dispatcher does with a capacity factor.
 The ":preference-sort" row times reroute's one [T, E] row sort alone (each token's experts by
 score, ties to the lower index): every reroute that proposes a token's next-best expert with room
-needs that order, so its ratio to drop is a floor under reroute's. The memory floor is (scores read + plan written) / measured copy bandwidth: the plan is the
-routing map (1 B) and the weights (4 B) per (token, expert), plus the permutation indices.
+needs that order, so its ratio to drop is a floor under reroute's. The syncs column counts the
+host synchronizations of one plan. The memory floor is (scores read + plan written) / measured
+copy bandwidth: the plan is the routing map (1 B) and the weights (4 B) per (token, expert),
+plus the permutation indices.
 
 A second table models the Triton planner's DRAM traffic from the plan itself (which bins
 overflow, how much is dropped) and prints it against the same floor: what the kernels move
