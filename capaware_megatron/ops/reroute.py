@@ -26,12 +26,12 @@ import torch
 
 from ..config import Count
 from ..group import RoutingGroup
-from ..priority import NOT_ROUTED, listed_keys
+from ..priority import NOT_ROUTED
 from .routing_plan import (
     CandidateItems,
+    candidate_items,
     group_top_keys,
     kth_largest,
-    listed,
     sort_small_ints,
     top_keys_per_bin,
 )
@@ -107,9 +107,7 @@ def reroute(
     device = scores.device
     expert_to_bin = bins.expert_to_bin
     if picks is None:
-        experts = listed(routing_map, topk)
-        picks = CandidateItems(experts, listed_keys(
-            scores, experts, routing_map.gather(1, experts), priority, seed, token_offset))
+        picks = candidate_items(scores, routing_map, topk, priority, seed, token_offset)
     # The pending assignments (drop removed them), each token's ordered by key, highest first,
     # with the expert each came from: [T, k].
     by_key = torch.sort(picks.keys.masked_fill(kept_map.gather(1, picks.experts), NOT_ROUTED),

@@ -68,6 +68,21 @@ def listed(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.topk(mask.view(torch.uint8), count, dim=1, sorted=False).indices
 
 
+def candidate_items(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    count: int,
+    priority: str,
+    seed: int = 0,
+    token_offset: Union[int, torch.Tensor] = 0,
+) -> CandidateItems:
+    """Each token's candidates (at most `count` per row of the [T, E] mask), listed with their
+    priority keys."""
+    experts = listed(candidates, count)
+    keys = listed_keys(scores, experts, candidates.gather(1, experts), priority, seed, token_offset)
+    return CandidateItems(experts, keys)
+
+
 def collect_candidates(
     scores: torch.Tensor,
     candidates: torch.Tensor,
@@ -86,10 +101,9 @@ def collect_candidates(
     """
     num_experts = scores.shape[1]
     count = num_experts if max_candidates is None else min(max_candidates, num_experts)
-    experts = listed(candidates, count)
-    keys = listed_keys(scores, experts, candidates.gather(1, experts), priority, seed, token_offset)
+    items = candidate_items(scores, candidates, count, priority, seed, token_offset)
     weights = router_or_score(routing_map, probs, scores)
-    return CandidateItems(experts, keys), candidates.clone(), weights.masked_fill(~candidates, 0)
+    return items, candidates.clone(), weights.masked_fill(~candidates, 0)
 
 
 def expert_bins(bin_experts: torch.Tensor) -> torch.Tensor:
@@ -161,27 +175,17 @@ def sort_small_ints(values: torch.Tensor, num_values: int) -> tuple[torch.Tensor
     return ordered.values[:count], ordered.indices[:count]
 
 
-def ordered_by_bin(
-    bins: torch.Tensor, key_order: torch.Tensor, num_bins: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions [N] grouped by bin, in key order within each; each bin's first place [B]): one
-    stable sort of the bins taken in key order (key_order: [N] the keys' positions, largest key
-    first)."""
-    by_bin = sort_small_ints(bins.take(key_order), num_bins)[1]
-    per_bin = torch.zeros(num_bins, dtype=torch.int64, device=bins.device).index_add_(
-        0, bins, torch.ones_like(bins))
-    return key_order.take(by_bin), per_bin.cumsum(0) - per_bin
-
-
 def _grouped_by_bin(
     keys: torch.Tensor, bins: torch.Tensor, num_bins: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys grouped by bin, descending within each [N], each bin's first position [B], its
     real keys [B]): two sorts of the N keys, by key, then (stable) by bin."""
-    positions, first = ordered_by_bin(bins, torch.sort(keys, descending=True).indices, num_bins)
-    real = torch.zeros(num_bins, dtype=torch.int64, device=keys.device).index_add_(
-        0, bins, (keys != NOT_ROUTED).long())
-    return keys.take(positions), first, real
+    key_order = torch.sort(keys, descending=True).indices
+    by_bin = sort_small_ints(bins.take(key_order), num_bins)[1]
+    empty = torch.zeros(num_bins, dtype=torch.int64, device=keys.device)
+    per_bin = empty.index_add(0, bins, torch.ones_like(bins))
+    real = empty.index_add(0, bins, (keys != NOT_ROUTED).long())
+    return keys.take(key_order.take(by_bin)), per_bin.cumsum(0) - per_bin, real
 
 
 def top_keys_per_bin(keys: torch.Tensor, bins: torch.Tensor, num_bins: int, count: int) -> torch.Tensor:
