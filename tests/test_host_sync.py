@@ -104,7 +104,6 @@ def _dispatcher_plan_syncs(rank, world_size, policy, scope):
     with torch.no_grad():
         probs, routing_map = layer.router(hidden)
         dispatcher = layer.token_dispatcher
-        dispatcher.training = False  # what the layer's forward pre-hook sets in eval
         with HostSyncRecorder() as syncs:
             plan = dispatcher.plan(routing_map, probs)
     return syncs.ops, int(plan.num_dropped) + int(plan.num_rerouted)

@@ -124,7 +124,6 @@ def _padded_dispatch_syncs(model):
     hidden = mh.local_input(DECODE_BATCH, seed=3, requires_grad=False)
     with torch.no_grad(), InferenceMode.active():
         _switch(model, padded=True)
-        dispatcher.training = False  # what the layer's forward pre-hook sets in eval
         with HostSyncRecorder() as syncs:
             probs, routing_map = layer.router(hidden)  # the tap: the router's own top-k
             tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)

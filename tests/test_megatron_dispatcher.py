@@ -47,7 +47,7 @@ def _identity_round_trip(layer, x):
     x = x.detach().clone().requires_grad_(True)
     hidden = x.view(-1, x.shape[-1])
     probs, routing_map = layer.router(hidden)
-    dispatcher.training = False
+    layer.eval()  # the dispatcher takes its mode from the layer
     permuted, permuted_probs = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
     received, received_probs = dispatcher.token_dispatch(permuted, permuted_probs)
     received, tokens_per_expert, _ = dispatcher.dispatch_postprocess(received, received_probs)

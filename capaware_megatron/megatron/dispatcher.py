@@ -151,14 +151,19 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             observer(self, plan)
         return plan
 
+    def bind_layer(self, layer: torch.nn.Module) -> None:
+        """Take train/eval mode from the MoE layer that owns this dispatcher (install() binds it)."""
+        self._layer = layer
+
     @property
     def training(self) -> bool:
-        """The dispatcher is no nn.Module: MoELayer sets this from its own mode (install())."""
-        return getattr(self, "_training", False)
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self._training = mode
+        """The owning layer's mode, read at each plan. The dispatcher is no nn.Module, so
+        ``layer.eval()`` cannot reach it; a copy of the mode taken in the layer's forward would
+        go stale wherever Megatron drives the dispatcher without that forward (its dispatcher
+        tests, the EP-overlap schedule's per-stage callables, partial CUDA-graph capture).
+        Unbound (a dispatcher built outside a MoELayer): eval, where the cap applies."""
+        layer = getattr(self, "_layer", None)
+        return False if layer is None else layer.training
 
     def dispatch_preprocess(
         self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor

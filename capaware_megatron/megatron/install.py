@@ -163,11 +163,6 @@ def _bind_type(dispatcher_class: Any, dispatcher_type: Any) -> Any:
     return functools.partial(dispatcher_class, dispatcher_type=dispatcher_type)
 
 
-def _sync_dispatcher_mode(layer: Any, _args: Any) -> None:
-    """Forward pre-hook: the dispatcher (no nn.Module) follows the layer's train/eval mode."""
-    layer.token_dispatcher.training = layer.training
-
-
 def _argument(position: int, name: str) -> Any:
     """Picks a call's argument by position or keyword."""
     return lambda args, kwargs: kwargs[name] if name in kwargs else args[position]
@@ -194,7 +189,6 @@ def _wrap_moe_layer_init(original_init):
             finally:
                 moe_layer.MoEAlltoAllTokenDispatcher = stock_class
         self.router.routing = _RouterLogitsTap(self.router, self.token_dispatcher)
-        self.token_dispatcher.training = self.training  # a new layer trains until .eval()
-        self.register_forward_pre_hook(_sync_dispatcher_mode)
+        self.token_dispatcher.bind_layer(self)  # its mode is the layer's, whoever drives it
 
     return __init__
