@@ -7,7 +7,7 @@ DeepSpeed config JSON; each of those converters lives in its framework's subpack
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Mapping, Optional, Union, get_args
 
 import torch
@@ -28,6 +28,10 @@ Count = Union[int, torch.Tensor]
 DEFAULT_REROUTE_ROUNDS = 5
 """Measured by examples/benchmarks/bench_reroute.py (results/reroute-cpu.txt): the fewest rounds placing
 >= 99% of what the exact serial greedy places on the trained routing and Zipf routers."""
+GATHERED_TOP_KEYS_MAX = 2048
+"""Global scope with C on the device and a token bound: up to this C_max each bin's threshold
+comes from one [B, C_max] gather of the ranks' top keys; above it the radix select's 8 gathers
+of [B, 256] digit counts move fewer bytes."""
 TRITON_MAX_EXPERTS = 512
 """Most experts the Triton planner handles (one row of experts per program); auto uses torch above."""
 
@@ -61,8 +65,11 @@ class CapacityConfig:
     experts' loads (m * gamma * Nbar); global: T is the whole group's tokens and the plan equals the
     single-process plan of the gathered batch."""
 
-    min_capacity: int = 0
-    """Decode guard: when T * k / E < min_capacity nothing is dropped, and C is never below it."""
+    min_capacity: Union[int, str] = 0
+    """Floor and decode guard: C is never below it, and when T * k / E < min_capacity nothing is
+    dropped. "auto" or a calibration file's path: the knee of the layer's expert GEMM time on
+    this device (capaware_megatron.calibrate), which the layer resolves to a number when it is
+    built, so that a cap never cuts an expert where rows cost no time."""
 
     renormalize: bool = False
     """Rescale each token's kept weights to the sum its original top-k weights had."""
@@ -85,45 +92,60 @@ class CapacityConfig:
     """policy reroute: the combine weight of a rerouted assignment. score (the paper's): the new
     expert's router score; carry: the weight the router gave the assignment it replaces."""
 
+    decode_capacity_factor: Optional[float] = None
+    """gamma of decode steps (Megatron's CUDA-graph decode), whose tokens per expert are an order
+    of magnitude below prefill's; None: capacity_factor. Set alone (capacity_factor None),
+    prefill is dropless and only decode is capped."""
+
+    max_tokens_per_rank: Optional[int] = None
+    """The most tokens one rank plans in a step, when the caller knows it (training: micro-batch
+    x sequence length; an inference engine: its maximum tokens per step). Scope global, eager
+    steps: the group's capacity is then bounded on the host (C_max for W ranks of this many
+    tokens) while C itself stays on the device, and each bin's group-wide threshold comes from
+    one [B, C_max] gather of every rank's top keys instead of a radix select's 8 gathers (when
+    C_max <= GATHERED_TOP_KEYS_MAX, where that gather carries no more bytes). A rank with more
+    tokens is an error (validate=True: raised on every rank; else a device assert), and the plan
+    never places more than C either way. None: no bound."""
+
     def __post_init__(self) -> None:
+        capped_somewhere = self.capacity_factor is not None or self.decode_capacity_factor is not None
         if self.policy is None:  # frozen: resolve the default in place, once
-            object.__setattr__(self, "policy", "none" if self.capacity_factor is None else "drop")
+            object.__setattr__(self, "policy", "drop" if capped_somewhere else "none")
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("priority", self.priority, PRIORITIES)
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("reroute_weight", self.reroute_weight, REROUTE_WEIGHTS)
-        if self.capacity_factor is not None:
-            if isinstance(self.capacity_factor, bool) or not isinstance(
-                self.capacity_factor, (int, float)
-            ):
-                raise TypeError(
-                    f"capacity_factor must be a positive number or None, "
-                    f"got {self.capacity_factor!r}"
-                )
-            if not math.isfinite(self.capacity_factor) or self.capacity_factor <= 0:
-                raise ValueError(
-                    f"capacity_factor must be > 0 (or None for dropless), "
-                    f"got {self.capacity_factor!r}"
-                )
+        for name in ("capacity_factor", "decode_capacity_factor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a positive number or None, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be > 0 (or None for dropless), got {value!r}")
             if self.policy == "none":
                 raise ValueError(
-                    f"capacity_factor={self.capacity_factor} has no effect with policy='none': "
-                    "use policy 'drop', 'reroute' or 'expanded', or capacity_factor=None"
+                    f"{name}={value} has no effect with policy='none': "
+                    f"use policy 'drop', 'reroute' or 'expanded', or {name}=None"
                 )
-        elif self.policy != "none":
+        if not capped_somewhere and self.policy != "none":
             raise ValueError(
                 f"policy={self.policy!r} needs a capacity_factor (gamma > 0); without one the plan "
                 "is dropless: set capacity_factor, or use policy 'none' (or leave policy unset)"
             )
-        for name in ("min_capacity", "seed", "reroute_rounds"):
+        if self.max_tokens_per_rank is not None:
+            if isinstance(self.max_tokens_per_rank, bool) or not isinstance(self.max_tokens_per_rank, int):
+                raise TypeError(f"max_tokens_per_rank must be an int or None, got {self.max_tokens_per_rank!r}")
+            if self.max_tokens_per_rank < 1:
+                raise ValueError(f"max_tokens_per_rank must be >= 1 (or None), got {self.max_tokens_per_rank}")
+        _check_floor(self.min_capacity, self.max_tokens_per_rank)
+        for name in ("seed", "reroute_rounds"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         if self.reroute_rounds < 1:
             raise ValueError(f"reroute_rounds must be >= 1, got {self.reroute_rounds}")
-        if self.min_capacity < 0:
-            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         for name in ("renormalize", "apply_in_training"):
@@ -134,6 +156,12 @@ class CapacityConfig:
     def is_dropless(self) -> bool:
         """True when the plan is the identity whatever the routing."""
         return self.policy == "none" or self.capacity_factor is None
+
+    def for_decode(self) -> "CapacityConfig":
+        """The configuration a decode step plans with: decode_capacity_factor as its gamma."""
+        if self.decode_capacity_factor is None:
+            return self
+        return replace(self, capacity_factor=self.decode_capacity_factor, decode_capacity_factor=None)
 
     def caps(self, training: bool) -> bool:
         """Whether the plan caps experts for a module in this mode (training caps only with
@@ -155,6 +183,23 @@ class CapacityConfig:
                 f"unknown CapacityConfig field(s) {unknown}; allowed: {', '.join(cls.field_names())}"
             )
         return cls(**values)
+
+
+def _check_floor(floor: Any, max_tokens_per_rank: Optional[int]) -> None:
+    """min_capacity: an int >= 0, "auto", or the path of a calibration file that exists and parses."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, str)):
+        raise TypeError(f'min_capacity must be an int >= 0, "auto" or a calibration file path, got {floor!r}')
+    if isinstance(floor, int):
+        if floor < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {floor}")
+        if max_tokens_per_rank is not None and floor > max_tokens_per_rank:
+            raise ValueError(
+                f"min_capacity={floor} is larger than max_tokens_per_rank={max_tokens_per_rank}: "
+                "no expert could ever be capped; lower the floor or raise the bound")
+    elif floor != "auto":
+        from .calibrate import load  # the file is read once, here: a bad one fails at the boundary
+
+        load(floor)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

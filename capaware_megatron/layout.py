@@ -1,8 +1,10 @@
-"""ExpertLayout: where one MoE layer's experts live, checked once when the layer is built.
+"""ExpertLayout: where one MoE layer's experts live, checked once when the layer is built;
+Bins: where the plan caps their load (an expert each, or an EP rank each for scope device).
 
-The plan needs it per forward (scope device: each expert's EP rank; policy expanded: the experts
-on this rank). Checking a mapping reads it on the host, so layers build their layout once and
-pass it to every plan: the per-forward path then has no host work on it at all.
+The plan needs the layout per forward (scope device: each expert's EP rank; policy expanded: the
+experts on this rank). Checking a mapping reads it on the host, so layers build their layout
+once and pass it to every plan: the per-forward path then has no host work on it at all. Drop's
+thresholds and reroute's rounds both count loads per bin.
 """
 
 from __future__ import annotations
@@ -80,6 +82,38 @@ class ExpertLayout:
             self._copies[key] = ExpertLayout(
                 self.expert_to_rank.to(device), self.num_ranks, local, self.num_local)
         return self._copies[key]
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m;
+    are_experts: expert_to_bin is arange(E) (each expert its own bin, scopes local and global),
+    so bins need no lookup. EP ranks of one expert each need not hold them in order: False."""
+
+    expert_to_bin: torch.Tensor
+    num_bins: int
+    experts_per_bin: int
+    are_experts: bool = False
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """[B, m] int64: the experts of each bin."""
+        order = torch.argsort(self.expert_to_bin, stable=True)
+        return order.view(self.num_bins, self.experts_per_bin)
+
+    def per_bin(self, per_expert: torch.Tensor) -> torch.Tensor:
+        """[E] -> [B]: sum over each bin's experts."""
+        out = torch.zeros(self.num_bins, dtype=per_expert.dtype, device=per_expert.device)
+        return out.index_add_(0, self.expert_to_bin, per_expert)
+
+    @classmethod
+    def for_scope(cls, scope: str, layout: Optional[ExpertLayout], num_experts: int,
+                  device: torch.device) -> "Bins":
+        """Scope device: the layout's EP ranks; local and global: each expert its own bin."""
+        if scope != "device":
+            return cls(torch.arange(num_experts, device=device), num_experts, 1, are_experts=True)
+        return cls(layout.expert_to_rank, layout.num_ranks, layout.experts_per_rank)
+
 
 
 def _index_tensor(name: str, value: ExpertSet) -> torch.Tensor:

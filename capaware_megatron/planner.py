@@ -21,8 +21,10 @@ Host synchronization: none with an ExpertLayout (or none needed), ``validate=Fal
 Global scope: when the group says every rank plans the same number of tokens
 (``RoutingGroup.tokens_per_rank``, CUDA-graph decode) C is a host int and each bin's group-wide
 threshold comes from one [B, C] gather; otherwise the ranks' token counts are exchanged as a
-[W, 2] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from a radix
-select over the group (ops.kth_largest: 8 gathers of [B, 256] digit counts).
+[W, 2] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from one
+[B, C_max] gather of every rank's top keys when CapacityConfig.max_tokens_per_rank bounds C on
+the host (C_max), else from a radix select over the group (ops.kth_largest: 8 gathers of
+[B, 256] digit counts).
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 
 from . import ops as torch_ops
-from .config import TRITON_MAX_EXPERTS, CapacityConfig, Count, expert_capacity
+from .config import GATHERED_TOP_KEYS_MAX, TRITON_MAX_EXPERTS, CapacityConfig, Count, expert_capacity
 from .group import RoutingGroup
-from .layout import ExpertLayout, ExpertSet
-from .ops.reroute import Bins
+from .layout import Bins, ExpertLayout, ExpertSet
 
 CapacityFn = Callable[[Count, Count, int, float, int], Count]
 
@@ -60,6 +61,11 @@ class RoutingPlan:
         tokens_per_expert_after: [E] int64, assignments per expert in the plan.
         num_dropped: 0-dim int64, router assignments that lost their expert and found no other.
         num_rerouted: 0-dim int64, plan assignments outside the router's map (reroute, expanded).
+        capacity_bound: a host int no smaller than capacity (capacity itself when that is an
+            int; with it on the device, its bound from the rows or the ranks' token bound), what
+            a caller with static shapes sizes buffers by; None when no bound is known.
+        capacity_floor: the floor C was held to (min_capacity per bin: the calibrated knee
+            with min_capacity "auto"); 0 when nothing is capped.
     """
 
     routing_map: torch.Tensor
@@ -69,6 +75,8 @@ class RoutingPlan:
     tokens_per_expert_after: torch.Tensor
     num_dropped: torch.Tensor
     num_rerouted: torch.Tensor
+    capacity_bound: Optional[int] = None
+    capacity_floor: int = 0
 
 
 def plan_routing(
@@ -85,6 +93,7 @@ def plan_routing(
     training: bool = False,
     validate: bool = True,
     capacity_fn: CapacityFn = expert_capacity,
+    token_mask: Optional[torch.Tensor] = None,
 ) -> RoutingPlan:
     """Cap every expert's (or EP rank's) load and decide what is kept, dropped or moved.
 
@@ -108,32 +117,57 @@ def plan_routing(
             boundary check, which syncs with the host; shape, dtype and type checks always run.
         capacity_fn: C from (tokens, k, bins, gamma, min_capacity); default Megatron-Core's
             formula (``expert_capacity``), the DeepSpeed gate passes DeepSpeed's float32 one.
+        token_mask: [T] bool, the real tokens (None: all). Others (an inference batch padded to
+            a CUDA graph's size) take no capacity: they count for no expert, weigh 0 and hold
+            no slot, and T is the real tokens' count, on the device, so C is too; shapes stay
+            static and C's bound from the T rows sizes the thresholds. Real tokens keep their
+            row index in the priority keys: with the padding after them (Megatron's), the plan
+            of the real tokens is the plan of the same tokens unpadded.
 
     Returns:
         RoutingPlan.
     """
     cfg = _as_capacity_config(cfg)
+    if not isinstance(cfg.min_capacity, int):
+        raise ValueError(
+            f"min_capacity={cfg.min_capacity!r} names a calibration; resolve it to the layer's knee "
+            "first (capaware_megatron.calibrate.resolve_min_capacity; the Megatron dispatcher "
+            "and the DeepSpeed gate do so when they are built)")
     num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
+    if token_mask is not None:
+        routing_map, probs = _without_padding(token_mask, routing_map, probs, scores)
     tokens_before = routing_map.sum(0, dtype=torch.int64)
     layout = _layout(layout, expert_to_rank, local_experts, num_experts, cfg, scores.device)
 
     global_group = _check_group(cfg, group)
-    bins = _bins(cfg, layout, num_experts, scores.device)
+    bins = Bins.for_scope(cfg.scope, layout, num_experts, scores.device)
     local_mask = _local_mask(cfg, layout, local_experts, num_tokens, num_experts)
 
+    if validate and cfg.max_tokens_per_rank is not None and global_group is None:
+        _check_token_bound(cfg.max_tokens_per_rank, torch.tensor([num_tokens]))
     token_offset, group_tokens, group_topk = 0, num_tokens, topk
+    if token_mask is not None:
+        group_tokens = token_mask.sum(dtype=torch.int64)
     if global_group is not None:
         token_offset, group_tokens, group_topk = _group_layout(
-            global_group, num_tokens, topk, scores.device)
-    # The group's counts on the device (global scope, eager): C and the guard stay there too.
+            global_group, num_tokens, topk, scores.device, cfg.max_tokens_per_rank, validate, token_mask)
+    # The token count on the device (eager global scope, or real tokens among padding): C and
+    # the guard stay there too.
     counted_on_device = isinstance(group_tokens, torch.Tensor)
 
     router_weights = _router_weights(probs, scores, routing_map)
     uncapped = group_tokens * bins.experts_per_bin  # the capacity a plan reports when nothing is capped
 
-    # Decode guard: a step whose mean load is below min_capacity is never capped.
-    below_guard = group_tokens * group_topk < cfg.min_capacity * num_experts
-    if not cfg.caps(training) or (not counted_on_device and (below_guard or group_tokens == 0)):
+    # Decode guard: a step whose mean load is below min_capacity is never capped. Among padding
+    # it counts the step's rows, a host count, so that the shapes a static caller sizes by the
+    # plan hold; eager global scope decides it on the device.
+    guard_load = group_tokens * group_topk
+    if token_mask is not None and (global_group is None or global_group.tokens_per_rank is not None):
+        guard_load = num_tokens * (1 if global_group is None else global_group.world_size) * topk
+    below_guard = guard_load < cfg.min_capacity * num_experts
+    guarded_on_device = isinstance(below_guard, torch.Tensor)
+    if not cfg.caps(training) or (not guarded_on_device and below_guard) or (
+            not counted_on_device and group_tokens == 0):
         return _identity_plan(routing_map, router_weights, uncapped, tokens_before)
 
     capacity = capacity_fn(
@@ -143,21 +177,29 @@ def plan_routing(
         cfg.capacity_factor,
         cfg.min_capacity * bins.experts_per_bin,
     )
-    candidates = routing_map | local_mask if cfg.policy == "expanded" else routing_map
+    # The most C can be, as a host int: C itself, or with C on the device its bound from the
+    # rows and the ranks' token bound (None: unbounded, or too large for the gather to pay).
+    capacity_slots = capacity if not counted_on_device else _bounded_capacity(
+        cfg, global_group, num_tokens, topk, bins, capacity_fn)
+    candidates = routing_map
+    if cfg.policy == "expanded":
+        candidates = routing_map | (local_mask if token_mask is None else local_mask & token_mask.unsqueeze(1))
     ops = _ops_for(cfg.backend, scores)
     state, keep, weights = ops.collect_candidates(
         scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset,
         _max_candidates(cfg, topk, layout, local_mask),
     )
-    if global_group is None:
+    if global_group is None and not counted_on_device:
         thresholds = ops.bin_thresholds(state, bins.experts, capacity)
-    elif counted_on_device:
+    elif global_group is None:
+        thresholds = torch_ops.kth_of_top(ops.bin_top_keys(state, bins.experts, capacity_slots), capacity)
+    elif capacity_slots is None:
         keys, key_bins = ops.bin_items(state, bins.expert_to_bin)
         thresholds = torch_ops.kth_largest(
             keys, key_bins, bins.num_bins, capacity.expand(bins.num_bins), global_group)
     else:
-        top = torch_ops.group_top_keys(ops.bin_top_keys(state, bins.experts, capacity), global_group)
-        thresholds = top[:, capacity - 1]
+        top = torch_ops.group_top_keys(ops.bin_top_keys(state, bins.experts, capacity_slots), global_group)
+        thresholds = torch_ops.kth_of_top(top, capacity)
     new_map, new_probs, tokens_after = ops.drop_below(state, thresholds, bins.expert_to_bin, keep, weights)
     if cfg.policy == "expanded":
         num_rerouted = (new_map & ~routing_map).sum(dtype=torch.int64)
@@ -171,6 +213,7 @@ def plan_routing(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
             cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group, carried,
             picks=state if ops is torch_ops else None,  # the torch backend listed the picks already
+            capacity_slots=capacity_slots,
         )
         new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
         num_rerouted = placed.num_rerouted
@@ -192,8 +235,10 @@ def plan_routing(
         tokens_per_expert_after=tokens_after,
         num_dropped=num_dropped,
         num_rerouted=num_rerouted,
+        capacity_bound=capacity_slots,
+        capacity_floor=cfg.min_capacity * bins.experts_per_bin,
     )
-    if counted_on_device:  # the guard, decided on the device: the identity plan where it holds
+    if guarded_on_device:  # the identity plan where the guard holds
         identity = _identity_plan(routing_map, router_weights, uncapped, tokens_before)
         plan = _where(below_guard, identity, plan)
     return plan
@@ -213,31 +258,100 @@ def _needs_grad(scores: torch.Tensor, probs: Optional[torch.Tensor]) -> bool:
 
 
 def _group_layout(
-    group: RoutingGroup, num_tokens: int, topk: int, device: torch.device
+    group: RoutingGroup,
+    num_tokens: int,
+    topk: int,
+    device: torch.device,
+    max_tokens_per_rank: Optional[int] = None,
+    validate: bool = False,
+    token_mask: Optional[torch.Tensor] = None,
 ) -> tuple[Count, Count, Count]:
     """(this rank's first token index, the group's token count, the group's k).
 
-    Ranks that plan a static, equal number of tokens (``tokens_per_rank``) exchange nothing and
-    get host ints. Otherwise one fixed [W, 2] gather, kept on the device as 0-dim tensors: C
-    follows from them there and nothing waits for the host. A rank without tokens cannot infer
-    k, so k comes from the ranks that have tokens; ranks that disagree trip a device assert.
+    Ranks that plan a static, equal number of tokens (``tokens_per_rank``) and no padding
+    exchange nothing and get host ints. Otherwise one fixed [W, 3] gather, kept on the device as
+    0-dim tensors: C follows from them there and nothing waits for the host. Each rank's tokens
+    take the key indices up to its last real row (its span: all rows without a mask), its real
+    tokens count for C. A rank without tokens cannot infer k, so k comes from the ranks that
+    have tokens; ranks that disagree trip a device assert. With a token bound every rank checks
+    every rank's count against it (validate: on the host, so all raise the same error; else a
+    device assert).
     """
-    if group.tokens_per_rank is not None:
-        if num_tokens != group.tokens_per_rank:
-            raise ValueError(
-                f"the group plans {group.tokens_per_rank} tokens per rank (tokens_per_rank), "
-                f"this rank has {num_tokens}"
-            )
+    if group.tokens_per_rank is not None and num_tokens != group.tokens_per_rank:
+        raise ValueError(
+            f"the group plans {group.tokens_per_rank} tokens per rank (tokens_per_rank), "
+            f"this rank has {num_tokens}"
+        )
+    if group.tokens_per_rank is not None and token_mask is None:
         return group.rank * num_tokens, group.world_size * num_tokens, topk
-    mine = torch.tensor([num_tokens, topk if num_tokens else 0], device=device)
-    layout = group.all_gather(mine)  # [W, 2]: tokens and k of every rank
-    counts, ks = layout[:, 0], layout[:, 1]
+    if token_mask is None:
+        span = real = torch.full((), num_tokens, dtype=torch.int64, device=device)
+    else:
+        real = token_mask.sum(dtype=torch.int64)
+        rows = torch.arange(1, num_tokens + 1, device=device)
+        span = torch.where(token_mask, rows, 0).amax() if num_tokens else real
+    mine = torch.stack([span, real, torch.where(real > 0, topk, 0)])
+    layout = group.all_gather(mine)  # [W, 3]: span, real tokens and k of every rank
+    spans, counts, ks = layout[:, 0], layout[:, 1], layout[:, 2]
+    if max_tokens_per_rank is not None:
+        if validate:
+            _check_token_bound(max_tokens_per_rank, counts)
+        else:
+            torch._assert_async((counts <= max_tokens_per_rank).all(),
+                                "a rank plans more tokens than CapacityConfig.max_tokens_per_rank")
     group_topk = ks.amax()
     torch._assert_async(
         ((ks == group_topk) | (ks == 0)).all(), "ranks of the group route with different top-k"
     )
     group_topk = torch.where(group_topk > 0, group_topk, topk)
-    return counts[: group.rank].sum(), counts.sum(), group_topk
+    return spans[: group.rank].sum(), counts.sum(), group_topk
+
+
+def _without_padding(
+    token_mask: torch.Tensor, routing_map: torch.Tensor, probs: Optional[torch.Tensor], scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(routing_map, probs) with the rows token_mask leaves out routed nowhere, weight 0."""
+    if token_mask.dtype != torch.bool or token_mask.shape != routing_map.shape[:1]:
+        raise ValueError(
+            f"token_mask must be [{routing_map.shape[0]}] bool (True: a real token), got "
+            f"{tuple(token_mask.shape)} {token_mask.dtype}"
+        )
+    real = token_mask.unsqueeze(1)
+    return routing_map & real, _router_weights(probs, scores, routing_map).masked_fill(~real, 0)
+
+
+def _check_token_bound(max_tokens_per_rank: int, counts: torch.Tensor) -> None:
+    """counts [W]: every rank's token count, read on the host (the boundary check)."""
+    over = [(rank, count) for rank, count in enumerate(counts.tolist()) if count > max_tokens_per_rank]
+    if over:
+        ranks = ", ".join(f"rank {rank}: {count}" for rank, count in over)
+        raise ValueError(
+            f"CapacityConfig.max_tokens_per_rank={max_tokens_per_rank} is smaller than the tokens "
+            f"a rank plans ({ranks}); raise the bound to the most tokens one rank sees in a step, "
+            "or leave it None"
+        )
+
+
+def _bounded_capacity(
+    cfg: CapacityConfig,
+    group: Optional[RoutingGroup],
+    num_tokens: int,
+    topk: int,
+    bins: Bins,
+    capacity_fn: CapacityFn,
+) -> Optional[int]:
+    """C_max, a host int no smaller than C: the capacity of this rank's T rows (alone), of W
+    ranks at tokens_per_rank or at max_tokens_per_rank. Over a group, None where none is known
+    or the [B, C_max] top-keys gather it sizes would move more bytes than the radix select."""
+    if group is None:
+        most = num_tokens
+    elif group.tokens_per_rank is not None or cfg.max_tokens_per_rank is not None:
+        per_rank = group.tokens_per_rank if group.tokens_per_rank is not None else cfg.max_tokens_per_rank
+        most = group.world_size * per_rank
+    else:
+        return None
+    bound = capacity_fn(most, topk, bins.num_bins, cfg.capacity_factor, cfg.min_capacity * bins.experts_per_bin)
+    return bound if group is None or bound <= GATHERED_TOP_KEYS_MAX else None
 
 
 def _identity_plan(
@@ -252,15 +366,16 @@ def _identity_plan(
         tokens_per_expert_after=tokens_before.clone(),
         num_dropped=zero,
         num_rerouted=zero.clone(),
+        capacity_bound=capacity if isinstance(capacity, int) else None,
     )
 
 
 def _where(condition: torch.Tensor, chosen: RoutingPlan, otherwise: RoutingPlan) -> RoutingPlan:
-    """The plan `chosen` where the 0-dim bool `condition` holds, else `otherwise`, field by field
-    on the device."""
+    """The plan `chosen` where the 0-dim bool `condition` holds, else `otherwise`, tensor field
+    by field on the device; no capacity bound holds for both, and the floor is 0."""
     return RoutingPlan(*(
         torch.where(condition, getattr(chosen, name), getattr(otherwise, name))
-        for name in RoutingPlan.__dataclass_fields__
+        for name in RoutingPlan.__dataclass_fields__ if name not in ("capacity_bound", "capacity_floor")
     ))
 
 
@@ -406,12 +521,6 @@ def _max_candidates(
     if local_mask is not None and local_mask.dim() == 1:
         return topk + layout.num_local
     return None
-
-
-def _bins(cfg: CapacityConfig, layout: Optional[ExpertLayout], num_experts: int, device: torch.device) -> Bins:
-    if cfg.scope != "device":
-        return Bins(torch.arange(num_experts, device=device), num_experts, 1, are_experts=True)
-    return Bins(layout.expert_to_rank, layout.num_ranks, layout.experts_per_rank)
 
 
 def _local_mask(

@@ -200,3 +200,20 @@ def pipeline_step(model, forward_only: bool = False):
                           group_dst=parallel_state.get_pipeline_model_parallel_rank() - 1)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return (None if loss is None else loss.detach()), grads
+
+
+def model_forward(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, S, V] logits of a causal forward over [B, S] token ids (no KV cache)."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    mask = torch.ones(1, 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril().logical_not()
+    return model(tokens, positions, mask, runtime_gather_output=True)
+
+
+def switch_decode_padding(model, padded: bool) -> None:
+    """What Megatron's text-generation controller does before a step (a CUDA-graph step: padded)."""
+    from megatron.core.inference.utils import set_decode_expert_padding
+
+    if padded:
+        set_decode_expert_padding(model, True, capacity_factor=EXPERTS / TOPK)
+    else:
+        set_decode_expert_padding(model, False)

@@ -102,7 +102,8 @@ def test_section_parses_the_example():
         ({"log": {"intervall": 3}}, ValueError, r"unknown key\(s\) \['intervall'\] in \"capacity_aware.log\""),
         ({"log": {"interval": -1}}, ValueError, "must be >= 0"),
         ({"log": {"per_expert": "yes"}}, TypeError, "per_expert"),
-        ({"min_capacity": "8"}, TypeError, "min_capacity must be an int"),
+        ({"min_capacity": "8"}, FileNotFoundError, "min_capacity: no calibration file at .8."),
+        ({"min_capacity": 2.5}, TypeError, "min_capacity must be an int"),
     ],
 )
 def test_section_errors(patch, error, match):

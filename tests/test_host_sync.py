@@ -94,13 +94,13 @@ def test_global_plan_has_no_host_sync(backend):
         assert not torch.equal(whole.routing_map, routing_map), "the cap must bind"
 
 
-def _dispatcher_plan_syncs(rank, world_size, policy, scope):
+def _dispatcher_plan_syncs(rank, world_size, policy, scope, bound):
     import megatron_harness as mh
 
     mh.setup(mh.Layout(ep=2, world_size=2))
     layer = mh.moe_layer(mh.Layout(ep=2, world_size=2), "capaware",
-                         CapacityConfig(1.0, policy=policy, scope=scope)).eval()
-    hidden = mh.local_input(64, seed=rank, requires_grad=False)
+                         CapacityConfig(1.0, policy=policy, scope=scope, max_tokens_per_rank=bound)).eval()
+    hidden = mh.local_input(64 - 16 * rank, seed=rank, requires_grad=False)  # eager: uneven
     with torch.no_grad():
         probs, routing_map = layer.router(hidden)
         dispatcher = layer.token_dispatcher
@@ -109,11 +109,15 @@ def _dispatcher_plan_syncs(rank, world_size, policy, scope):
     return syncs.ops, int(plan.num_dropped) + int(plan.num_rerouted)
 
 
-@pytest.mark.parametrize("policy,scope", [("drop", "local"), ("reroute", "device"), ("expanded", "local"),
-                                          ("drop", "global"), ("reroute", "global")])
-def test_megatron_dispatcher_plan_step_has_no_host_sync(policy, scope):
+@pytest.mark.parametrize("policy,scope,bound", [
+    ("drop", "local", None), ("reroute", "device", None), ("expanded", "local", None),
+    ("drop", "global", None), ("reroute", "global", None),
+    ("drop", "global", 64), ("reroute", "global", 64), ("expanded", "global", 64),  # a token bound
+])
+def test_megatron_dispatcher_plan_step_has_no_host_sync(policy, scope, bound):
+    """Eager global scope too, with and without a token bound (max_tokens_per_rank)."""
     pytest.importorskip("megatron.core")
-    results = run_gloo(_dispatcher_plan_syncs, 2, policy, scope)
+    results = run_gloo(_dispatcher_plan_syncs, 2, policy, scope, bound)
     assert [syncs for syncs, _ in results] == [[], []]
     assert sum(moved for _, moved in results) > 0
 

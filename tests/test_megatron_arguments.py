@@ -121,3 +121,30 @@ def test_run_wrapper_reports_conflicts():
     out = _run_wrapper("--moe-token-dispatcher-type", "capaware", "--moe-expert-capacity-factor", "1.0")
     assert out.returncode != 0
     assert "--capaware-capacity-factor instead" in out.stderr
+
+
+def test_token_bound_from_the_micro_batch(monkeypatch):
+    base = ["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "1.0",
+            "--capaware-scope", "global", "--micro-batch-size", "4", "--seq-length", "1000"]
+    args = _parse([*base, "--capaware-max-tokens-per-rank", "auto"], monkeypatch)
+    assert capacity_config_from_args(args).max_tokens_per_rank == 4000
+    # Sequence parallelism splits a micro-batch's tokens over the TP ranks, context parallelism too.
+    args.sequence_parallel, args.tensor_model_parallel_size, args.context_parallel_size = True, 2, 3
+    assert capacity_config_from_args(args).max_tokens_per_rank == 667
+    args = _parse([*base, "--capaware-max-tokens-per-rank", "512"], monkeypatch)
+    assert capacity_config_from_args(args).max_tokens_per_rank == 512
+    args = _parse(base, monkeypatch)
+    assert capacity_config_from_args(args).max_tokens_per_rank is None
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "1.0",
+                   "--capaware-max-tokens-per-rank", "auto"], monkeypatch)
+    with pytest.raises(ValueError, match="auto needs --micro-batch-size and --seq-length"):
+        capacity_config_from_args(args)
+    args = _parse([*base, "--capaware-max-tokens-per-rank", "0"], monkeypatch)
+    with pytest.raises(ValueError, match="max_tokens_per_rank must be >= 1"):
+        capacity_config_from_args(args)
+
+
+def test_token_bound_flag_refuses_words(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _parse(["--moe-token-dispatcher", "capaware", "--capaware-max-tokens-per-rank", "many"], monkeypatch)
+    assert "--capaware-max-tokens-per-rank" in capsys.readouterr().err

@@ -51,24 +51,6 @@ def _tokens(step: int, kind: str, data_rank: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (DECODE_BATCH, length), generator=generator)
 
 
-def _forward(model, tokens):
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    mask = torch.ones(1, 1, tokens.shape[1], tokens.shape[1], dtype=torch.bool).tril().logical_not()
-    return model(tokens, positions, mask, runtime_gather_output=True)
-
-
-def _switch(model, padded: bool):
-    """What the controller does before a step (cuda-graph step: padded)."""
-    from megatron.core.inference.utils import set_decode_expert_padding
-
-    import megatron_harness as mh
-
-    if padded:
-        set_decode_expert_padding(model, True, capacity_factor=mh.EXPERTS / mh.TOPK)
-    else:
-        set_decode_expert_padding(model, False)
-
-
 def _rows_into_experts(model):
     """Per forward, [layers] rows each MoE layer's experts receive on this rank."""
     rows = []
@@ -84,6 +66,7 @@ def _rows_into_experts(model):
 def _decode_loop(model, data_rank):
     """{step: (output, rows into experts per layer, capacity per layer)} of STEPS, and for each
     decode step the same tokens' eager output."""
+    import megatron_harness as mh
     from megatron.core.inference import utils as inference_utils
     from megatron.core.inference.utils import InferenceMode
 
@@ -97,17 +80,17 @@ def _decode_loop(model, data_rank):
     with torch.no_grad(), InferenceMode.active():
         for step, kind in enumerate(STEPS):
             tokens = _tokens(step, kind, data_rank)
-            _switch(model, padded=kind == "decode")
+            mh.switch_decode_padding(model, padded=kind == "decode")
             del rows[:]
-            output = _forward(model, tokens)
+            output = mh.model_forward(model, tokens)
             capacities = [getattr(d, "capacity", None) for d in dispatchers]
             # Megatron's invariant: the host copy happens no later than the sync waiting on it.
             ordered = all(d.cuda_sync_point_priority[d.cuda_dtoh_point]
                           <= d.cuda_sync_point_priority[d.cuda_sync_point] for d in dispatchers)
             results[step] = dict(output=output, rows=list(rows), capacity=capacities, ordered=ordered)
             if kind == "decode":
-                _switch(model, padded=False)
-                results[step]["eager"] = _forward(model, tokens)
+                mh.switch_decode_padding(model, padded=False)
+                results[step]["eager"] = mh.model_forward(model, tokens)
     return results
 
 
@@ -123,7 +106,7 @@ def _padded_dispatch_syncs(model):
     dispatcher = layer.token_dispatcher
     hidden = mh.local_input(DECODE_BATCH, seed=3, requires_grad=False)
     with torch.no_grad(), InferenceMode.active():
-        _switch(model, padded=True)
+        mh.switch_decode_padding(model, padded=True)
         with HostSyncRecorder() as syncs:
             probs, routing_map = layer.router(hidden)  # the tap: the router's own top-k
             tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)

@@ -331,3 +331,15 @@ def test_capacity_kept_on_the_device_is_recorded():
     plan.capacity = torch.tensor(CAPACITY)
     tracker.record(0, plan)
     assert tracker.step(1)["capaware/capacity"] == CAPACITY
+
+
+def test_the_floor_is_reported_beside_the_capacity():
+    """capacity_floor: the floor C was held to (the calibrated knee), averaged like capacity."""
+    tracker = LoadTracker(2, E, interval=1)
+    for layer, floor in ((0, 3), (1, 5)):
+        plan = _plan(BEFORE[0, layer], AFTER[0, layer])
+        plan.capacity_floor = floor
+        tracker.record(layer, plan)
+    metrics = tracker.step(1)
+    assert metrics["capaware/layer_0/capacity_floor"] == 3 and metrics["capaware/layer_1/capacity_floor"] == 5
+    assert metrics["capaware/capacity_floor"] == 4

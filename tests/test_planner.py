@@ -179,6 +179,12 @@ def test_reroute_places_nearly_all_overflow():
         (dict(min_capacity=1.5), TypeError, "min_capacity must be an int"),
         (dict(renormalize="yes"), TypeError, "renormalize must be a bool"),
         (dict(seed=-3), ValueError, "seed"),
+        (dict(capacity_factor=1.0, decode_capacity_factor=0), ValueError, "decode_capacity_factor must be > 0"),
+        (dict(decode_capacity_factor=-2.0), ValueError, "decode_capacity_factor must be > 0"),
+        (dict(decode_capacity_factor="2"), TypeError, "decode_capacity_factor must be a positive number"),
+        (dict(decode_capacity_factor=1.0, policy="none"), ValueError, "decode_capacity_factor=1.0 has no effect"),
+        (dict(capacity_factor=1.0, min_capacity=64, max_tokens_per_rank=32), ValueError,
+         "min_capacity=64 is larger than max_tokens_per_rank=32"),
     ],
 )
 def test_config_errors(kwargs, error, match):
@@ -191,6 +197,14 @@ def test_policy_default_follows_the_capacity_factor():
     assert CapacityConfig(1.5).policy == "drop"
     assert CapacityConfig(None, policy="none").is_dropless
     assert CapacityConfig(1.5, policy="reroute").policy == "reroute"
+
+
+def test_decode_factor_gives_decode_steps_their_own_gamma():
+    both = CapacityConfig(1.0, decode_capacity_factor=2.0, policy="reroute")
+    assert both.for_decode() == CapacityConfig(2.0, policy="reroute")
+    assert CapacityConfig(1.5).for_decode() == CapacityConfig(1.5)  # default: the prefill factor
+    decode_only = CapacityConfig(decode_capacity_factor=1.0)
+    assert decode_only.policy == "drop" and decode_only.is_dropless and not decode_only.for_decode().is_dropless
 
 
 def test_config_as_a_mapping():

@@ -3,7 +3,7 @@
     "capacity_aware": {
         "capacity_factor": 1.5, "policy": "drop", "priority": "score", "scope": "local",
         "min_capacity": 0, "renormalize": false, "apply_in_training": false, "seed": 0,
-        "backend": "auto",
+        "backend": "auto", "max_tokens_per_rank": null,
         "log": {"interval": 10, "per_expert": false}
     }
 """
@@ -64,9 +64,13 @@ def parse_section(ds_config: DsConfig) -> CapacityAwareSection:
             f'unknown key(s) {unknown} in "{SECTION}"; allowed: {", ".join(sorted(allowed))}'
         )
     fields = {k: v for k, v in section.items() if k != "log"}
+    if fields.get("decode_capacity_factor") is not None:
+        raise ValueError(
+            f'"{SECTION}.decode_capacity_factor" applies to Megatron\'s CUDA-graph decode steps; '
+            "DeepSpeed-MoE has no decode regime: use capacity_factor")
     try:
         capacity = CapacityConfig(**fields)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OSError) as err:
         raise type(err)(f'"{SECTION}": {err}') from err
     return CapacityAwareSection(capacity, _parse_log(section.get("log", {})))
 

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from ..calibrate import ExpertShape, device_name, resolve_min_capacity
 from ..config import CapacityConfig
 from .config import DsConfig, parse_section
 from .gate import CapacityAwareGate
@@ -129,10 +130,30 @@ def apply(model_or_engine: Any, ds_config: DsConfig) -> list[CapacityAwareGate]:
     sites = list(_gate_sites(_module_of(model_or_engine)))
     if not sites:
         raise ValueError("no DeepSpeed MoE layer (deepspeed.moe.layer.MoE or DeepSpeedMoEInference) in the model")
-    gates = [_new_gate(site, section.capacity) for site in sites]
+    capacities = [_layer_capacity(site, section.capacity) for site in sites]
+    gates = [_new_gate(site, capacity) for site, capacity in zip(sites, capacities)]
     _warn_ignored(sites)
-    for site, gate in zip(sites, gates):
-        gate.capacity_config = section.capacity
+    for site, gate, capacity in zip(sites, gates, capacities):
+        gate.capacity_config = capacity
         setattr(site.owner, site.attribute, gate)
-        logger.info("capaware: %s uses %s", site.name, section.capacity)
+        logger.info("capaware: %s uses %s", site.name, capacity)
     return gates
+
+
+def _layer_capacity(site: _GateSite, capacity: CapacityConfig) -> CapacityConfig:
+    """The section's configuration with a calibrated min_capacity ("auto" / a file) resolved
+    for this layer's experts: hidden and FFN from the first torch.nn.Linear of its expert."""
+    if isinstance(capacity.min_capacity, int):
+        return capacity
+    experts = getattr(getattr(site.owner, "experts", None), "deepspeed_experts", None)
+    linear = next((m for m in experts[0].modules() if isinstance(m, torch.nn.Linear)), None) if experts else None
+    if linear is None:
+        raise ValueError(
+            f"DeepSpeed MoE layer {site.name!r}: min_capacity={capacity.min_capacity!r} needs the "
+            "layer's expert shape (a torch.nn.Linear in its expert); give min_capacity as an int")
+    shape = ExpertShape(linear.in_features, linear.out_features, str(linear.weight.dtype).split(".")[-1],
+                        len(experts))
+    try:
+        return resolve_min_capacity(capacity, shape, device_name(linear.weight.device))
+    except (LookupError, OSError, ValueError) as err:
+        raise type(err)(f"DeepSpeed MoE layer {site.name!r}: {err}") from err

@@ -25,6 +25,23 @@ def _none_or_float(text: str) -> Optional[float]:
     return None if text.lower() in ("none", "null", "") else float(text)
 
 
+def _floor(text: str):
+    """--capaware-min-capacity: an int, 'auto', or a calibration file's path."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _token_bound(text: str):
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'auto', got {text!r}") from None
+
+
 def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the --capaware-* group and the 'capaware' dispatcher choice (and its alias flag)."""
     group = parser.add_argument_group(title="capacity-aware inference (capaware_megatron)")
@@ -38,8 +55,14 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="Which assignments a full expert keeps (default score).")
     group.add_argument("--capaware-scope", choices=SCOPES, default="local",
                        help="local: per-rank cap; device: per-EP-rank cap; global: group-wide.")
-    group.add_argument("--capaware-min-capacity", type=int, default=0,
-                       help="Decode guard: no cap while T*k/E is below this (default 0).")
+    group.add_argument("--capaware-min-capacity", type=_floor, default=0,
+                       help="Floor and decode guard: C is never below it and nothing is capped "
+                            "while T*k/E is below it (default 0). 'auto' or a calibration "
+                            "file's path: the knee of the layer's expert GEMM time on this "
+                            "device (python -m capaware_megatron.calibrate).")
+    group.add_argument("--capaware-decode-capacity-factor", type=_none_or_float, default=None,
+                       help="gamma of CUDA-graph decode steps (default: --capaware-capacity-factor); "
+                            "alone, only decode is capped.")
     group.add_argument("--capaware-renormalize", action="store_true",
                        help="Rescale each token's kept weights to its original top-k sum.")
     group.add_argument("--capaware-apply-in-training", action="store_true",
@@ -50,6 +73,12 @@ def add_capaware_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--capaware-reroute-weight", choices=REROUTE_WEIGHTS, default="score",
                        help="Policy reroute: a rerouted assignment weighs its new expert's score "
                             "(score, the paper's) or the replaced assignment's weight (carry).")
+    group.add_argument("--capaware-max-tokens-per-rank", type=_token_bound, default=None,
+                       help="Scope global: the most tokens one rank plans in a step (an int; "
+                            "'auto': --micro-batch-size x --seq-length, over TP with sequence "
+                            "parallelism and over context parallelism, what training and "
+                            "evaluation see; inference: the engine's max tokens per step). The "
+                            "group-wide thresholds then take one gather instead of eight.")
     group.add_argument("--capaware-backend", choices=BACKENDS, default="auto",
                        help="Planner backend (auto: Triton on GPU, torch on CPU).")
     group.add_argument("--capaware-log-interval", type=int, default=0,
@@ -99,15 +128,36 @@ def capacity_config_from_args(args: Any) -> CapacityConfig:
         backend=args.capaware_backend,
         reroute_rounds=args.capaware_reroute_rounds,
         reroute_weight=args.capaware_reroute_weight,
+        decode_capacity_factor=getattr(args, "capaware_decode_capacity_factor", None),
+        max_tokens_per_rank=_max_tokens_per_rank(args),
     )
+
+
+def _max_tokens_per_rank(args: Any) -> Optional[int]:
+    """--capaware-max-tokens-per-rank, with 'auto' from the micro-batch the training loop runs."""
+    bound = getattr(args, "capaware_max_tokens_per_rank", None)
+    if bound != "auto":
+        return bound
+    micro_batch, seq_length = getattr(args, "micro_batch_size", None), getattr(args, "seq_length", None)
+    if not micro_batch or not seq_length:
+        raise ValueError(
+            "--capaware-max-tokens-per-rank auto needs --micro-batch-size and --seq-length "
+            f"(got {micro_batch!r} and {seq_length!r}); give the bound as an int instead"
+        )
+    split = getattr(args, "context_parallel_size", 1) or 1
+    if getattr(args, "sequence_parallel", False):
+        split *= getattr(args, "tensor_model_parallel_size", 1) or 1
+    return -(-micro_batch * seq_length // split)
 
 
 def validate_capaware_args(args: Any) -> Optional[CapacityConfig]:
     """The CapacityConfig when the capaware dispatcher is selected; clear errors on conflicts."""
     if getattr(args, "moe_token_dispatcher_type", None) != DISPATCHER_TYPE:
-        if getattr(args, "capaware_capacity_factor", None) is not None:
+        factor = next((flag for flag in ("capacity_factor", "decode_capacity_factor")
+                       if getattr(args, f"capaware_{flag}", None) is not None), None)
+        if factor is not None:
             raise ValueError(
-                "--capaware-capacity-factor needs --moe-token-dispatcher-type capaware "
+                f"--capaware-{factor.replace('_', '-')} needs --moe-token-dispatcher-type capaware "
                 f"(got {getattr(args, 'moe_token_dispatcher_type', None)!r})"
             )
         return None

@@ -17,7 +17,19 @@ factor E/k: every expert gets T rows per source rank, nothing dropped). A capawa
 applies sizes that padding by its plan instead: the router skips Megatron's pad step (the plan
 needs its real top-k), each source rank sends exactly min(C, T) rows per expert, zero-weight rows
 filling what the plan leaves, with equal all-to-all splits and no copy to the host. Dropless
-(γ None), the layer is Megatron's stock E/k padding.
+(γ None), the layer is Megatron's stock E/k padding. Decode steps plan with the configuration's
+decode_capacity_factor when it has one.
+
+Padding. Megatron pads an inference batch to a CUDA graph's size with dummy tokens. The dynamic
+inference context publishes the step's real token count in a fixed-address device tensor
+(``gpu_view.real_token_count``, which Megatron's own NVLS inference dispatcher reads; install()
+binds it here too), and a forward with a padding mask hands it to the router. Rows past the
+count, or masked, take no capacity: the plan counts, caps and weighs only real tokens, on the
+device, and the shapes stay those of the padded batch.
+
+Floor. min_capacity "auto" or a calibration file's path is resolved once, when the dispatcher
+is built, to the knee measured for this layer's experts (hidden, FFN per expert-TP rank, dtype,
+local experts, gated) on this device (capaware_megatron.calibrate).
 """
 
 from __future__ import annotations
@@ -26,10 +38,13 @@ import dataclasses
 from typing import Callable, List, Optional
 
 import torch
+from megatron.core import utils
+from megatron.core.inference.utils import InferenceMode
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..calibrate import ExpertShape, device_name, resolve_min_capacity
 from ..config import CapacityConfig
 from ..group import RoutingGroup
 from ..layout import ExpertLayout
@@ -57,8 +72,33 @@ def _check_graph_capture(config: TransformerConfig, cfg: CapacityConfig) -> None
         )
 
 
+def _layer_floor(cfg: CapacityConfig, config: TransformerConfig, num_local_experts: int,
+                 expert_tp: int) -> CapacityConfig:
+    """cfg with a calibrated min_capacity ("auto" / a file) resolved for this layer's experts."""
+    if isinstance(cfg.min_capacity, int):
+        return cfg
+    dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else str(config.params_dtype).split(".")[-1]
+    shape = ExpertShape(config.hidden_size, config.moe_ffn_hidden_size // expert_tp, dtype,
+                        num_local_experts, bool(config.gated_linear_unit))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return resolve_min_capacity(cfg, shape, device_name(device))
+
+
 class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
     """All-to-all token dispatcher that caps expert load (arXiv 2503.05066)."""
+
+    real_token_count: Optional[torch.Tensor] = None
+    """[1] int: the real tokens of the current inference step (the rest of the batch is CUDA-graph
+    padding), a fixed-address device tensor refreshed by the inference engine every step; read
+    while Megatron's InferenceMode is active. Set by set_real_token_count_tensor."""
+
+    @classmethod
+    def set_real_token_count_tensor(cls, tensor: Optional[torch.Tensor]) -> None:
+        """Bind the step's real token count (Megatron's ``context.gpu_view.real_token_count``,
+        which install() binds for every DynamicInferenceContext; None unbinds)."""
+        if tensor is not None and (tensor.numel() != 1 or tensor.is_floating_point()):
+            raise ValueError(f"real_token_count must be a one-element integer tensor, got {tuple(tensor.shape)} {tensor.dtype}")
+        cls.real_token_count = tensor
 
     def __init__(
         self,
@@ -71,7 +111,8 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         # The layer's capaware type carries its CapacityConfig (MoELayer builds this dispatcher
         # while the config reads "alltoall").
-        self.capacity_config: CapacityConfig = capacity_config_of(config, dispatcher_type)
+        self.capacity_config: CapacityConfig = _layer_floor(
+            capacity_config_of(config, dispatcher_type), config, num_local_experts, self.tp_size)
         _check_graph_capture(config, self.capacity_config)
         if config.moe_router_score_function not in _SCORE_FUNCTIONS:
             raise ValueError(
@@ -86,15 +127,35 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         # Tensor parallelism without sequence parallelism: the attention TP peers hold the same
         # tokens, which a global plan counts once.
         self._token_copies = None if config.sequence_parallel else getattr(pg_collection, "tp", None)
+        # Sequence parallelism splits a step's tokens over the attention TP ranks, in rank order.
+        attention_tp = getattr(pg_collection, "tp", None) if config.sequence_parallel else None
+        self._first_token_shard = 0 if attention_tp is None else utils.get_pg_rank(attention_tp)
         self._router_logits: Optional[torch.Tensor] = None
+        self._padding_mask: Optional[torch.Tensor] = None
         self._plan_applied = False
         self._padded_rows: Optional[int] = None
         self.last_plan: Optional[RoutingPlan] = None
         self.plan_observers: list[PlanObserver] = []
 
-    def capture_router_logits(self, logits: torch.Tensor) -> None:
-        """Called with the router's logits ([S, B, E] or [T, E]) before each dispatch."""
+    def capture_router_logits(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
+        """Called with the router's logits ([S, B, E] or [T, E]) before each dispatch, and the
+        forward's padding mask ([S, B] or [T] bool, True on padding, as Megatron's router reads
+        it), if any."""
         self._router_logits = logits
+        self._padding_mask = padding_mask
+
+    def _token_mask(self, num_tokens: int, device: torch.device) -> Optional[torch.Tensor]:
+        """[T] bool, this rank's real tokens (None: all): not masked as padding, and, in an
+        inference step, before the step's real token count (rows of all TP ranks in order under
+        sequence parallelism, as Megatron's own routing mask counts them). Device ops only."""
+        padding, self._padding_mask = self._padding_mask, None
+        mask = None if padding is None else ~padding.reshape(-1).to(device=device, dtype=torch.bool)
+        count = type(self).real_token_count
+        if count is not None and InferenceMode.is_active():
+            first = self._first_token_shard * num_tokens
+            real = torch.arange(first, first + num_tokens, device=device) < count.to(device).reshape(())
+            mask = real if mask is None else mask & real
+        return mask
 
     def _full_scores(self, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
         logits, self._router_logits = self._router_logits, None
@@ -121,15 +182,24 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         return self._routing_group
 
     @property
+    def step_config(self) -> CapacityConfig:
+        """The configuration of the step running now: decode's (decode_capacity_factor) when
+        Megatron switched the layer to drop-and-pad for CUDA-graph decode."""
+        return self.capacity_config.for_decode() if self.drop_and_pad else self.capacity_config
+
+    @property
     def sizes_padded_step(self) -> bool:
         """Megatron switched the layer to drop-and-pad (CUDA-graph decode) and the cap applies:
         the plan, not Megatron's E/k padding, sizes the step (the router then skips its own)."""
-        return self.drop_and_pad and self.capacity_config.caps(self.training)
+        return self.drop_and_pad and self.step_config.caps(self.training)
 
     def plan(self, routing_map: torch.Tensor, probs: torch.Tensor) -> RoutingPlan:
         """The capacity plan of this rank's tokens; notifies plan_observers."""
-        cfg = self.capacity_config
+        cfg = self.step_config
         scores = self._full_scores(probs, routing_map)
+        token_mask = self._token_mask(routing_map.shape[0], routing_map.device)
+        if not cfg.caps(self.training):
+            token_mask = None  # uncapped, the stock dispatcher's path, token for token
         group = self._group()
         if group is not None and self.drop_and_pad:
             # Padded decode runs every EP rank at one token count (Megatron's padded all-to-all
@@ -145,6 +215,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             group=group,
             training=self.training,
             validate=False,
+            token_mask=token_mask,
         )
         self.last_plan = plan
         for observer in self.plan_observers:
@@ -171,9 +242,9 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         plan = self.plan(routing_map, probs)
         self._plan_applied = plan.routing_map is not routing_map
         # No expert receives more than C (or all T) of this rank's tokens under the plan.
-        self._padded_rows = (
-            min(plan.capacity, routing_map.shape[0]) if self.sizes_padded_step else None
-        )
+        num_tokens = routing_map.shape[0]
+        bound = num_tokens if plan.capacity_bound is None else plan.capacity_bound
+        self._padded_rows = min(bound, num_tokens) if self.sizes_padded_step else None
         return super().dispatch_preprocess(hidden_states, plan.routing_map, plan.probs)
 
     def preprocess(self, routing_map: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ stock constructor runs as for "alltoall" with CapacityAwareTokenDispatcher in pl
 MoEAlltoAllTokenDispatcher (everything else, shared-expert overlap included, is stock), then
 hands the router's logits to the dispatcher. It also wraps the Megatron code that tests the
 string "alltoall" (TransformerConfig.__post_init__, TransformerLayer.__init__, the EP-overlap
-schedule's should_free_input) so that it treats "capaware" as the "alltoall" dispatcher it is.
+schedule's should_free_input) so that it treats "capaware" as the "alltoall" dispatcher it is,
+and DynamicInferenceContext.__init__ so that each context hands its step's real token count to
+the dispatcher (padding rows take no capacity).
 Every replaced symbol is recorded once and carries ``__wrapped__``; uninstall() restores them.
 Idempotent.
 """
@@ -36,6 +38,7 @@ def install() -> None:
     if _patches:
         return
     require_megatron_core()
+    from megatron.core.inference.contexts import dynamic_context
     from megatron.core.models.common import utils as common_utils
     from megatron.core.transformer import transformer_layer
     from megatron.core.transformer.moe import moe_layer
@@ -51,6 +54,10 @@ def install() -> None:
              _presenting_alltoall(transformer_layer.TransformerLayer.__init__, _argument(1, "config")))
     _replace(common_utils, "should_free_input",
              _presenting_alltoall(common_utils.should_free_input, _argument(2, "config")))
+    # Every dynamic inference context publishes its step's real token count to the dispatcher,
+    # as Megatron's own NVLS inference dispatcher receives it: padding rows take no capacity.
+    _replace(dynamic_context.DynamicInferenceContext, "__init__",
+             _binding_real_token_count(dynamic_context.DynamicInferenceContext.__init__))
     logger.info("capaware: MoELayer builds CapacityAwareTokenDispatcher for type %r", DISPATCHER_TYPE)
 
 
@@ -99,7 +106,8 @@ class _RouterLogitsTap:
         self.dispatcher = dispatcher
 
     def __call__(self, logits, *args, **kwargs):
-        self.dispatcher.capture_router_logits(logits)
+        padding_mask = kwargs.get("padding_mask", args[0] if args else None)
+        self.dispatcher.capture_router_logits(logits, padding_mask)
         routing = functools.partial(type(self.router).routing, self.router, logits, *args, **kwargs)
         if not self.dispatcher.sizes_padded_step:
             return routing()
@@ -156,6 +164,19 @@ def _presenting_alltoall(function: Any, config_of: Any) -> Any:
             return function(*args, **kwargs)
 
     return wrapped
+
+
+def _binding_real_token_count(original_init):
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        count = getattr(getattr(self, "gpu_view", None), "real_token_count", None)
+        if count is not None:
+            from .dispatcher import CapacityAwareTokenDispatcher
+
+            CapacityAwareTokenDispatcher.set_real_token_count_tensor(count)
+
+    return __init__
 
 
 def _bind_type(dispatcher_class: Any, dispatcher_type: Any) -> Any:

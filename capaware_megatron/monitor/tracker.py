@@ -1,7 +1,7 @@
 """LoadTracker: accumulate plan statistics on device, reduce and report once per logging step.
 
 Per step every MoE layer adds one row of counts (loads per expert before and after the plan,
-dropped, rerouted and routed assignments, capacity) to a [layers, fields] tensor on the plan's
+dropped, rerouted and routed assignments, capacity and its floor) to a [layers, fields] tensor on the plan's
 device: no host sync. That tensor is persistent (a step copies it out and zeroes it in place), so
 the additions a CUDA graph captured keep landing in it on every replay, with no Python running.
 A logging step stacks the steps since the last one, sums them over the process group with one
@@ -24,8 +24,8 @@ from ..planner import RoutingPlan
 from ..stats import load_stats
 
 # Extra fields after the [E] before / [E] after loads of a layer's row.
-_DROPPED, _REROUTED, _ROUTED, _CAPACITY, _RECORDS = range(5)
-_EXTRA = 5
+_DROPPED, _REROUTED, _ROUTED, _CAPACITY, _FLOOR, _RECORDS = range(6)
+_EXTRA = 6
 # LoadStats fields reported per layer (and averaged over layers).
 _REPORTED = (
     "straggler_expert_before", "straggler_expert_after", "straggler_rank_before",
@@ -87,7 +87,7 @@ class LoadTracker:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        # [layers, 2E + 5] counts of the current step (persistent: see the module docstring).
+        # [layers, 2E + 6] counts of the current step (persistent: see the module docstring).
         self._current = torch.zeros(
             num_layers, 2 * num_experts + _EXTRA, dtype=torch.float64, device=self.device
         )
@@ -117,6 +117,7 @@ class LoadTracker:
         if isinstance(capacity, torch.Tensor):
             capacity = capacity.to(self.device, non_blocking=True)
         extra[_CAPACITY] += capacity
+        extra[_FLOOR] += plan.capacity_floor
         extra[_RECORDS] += 1
 
     def step(self, iteration: Optional[int] = None) -> Optional[dict[str, float]]:
@@ -155,7 +156,7 @@ class LoadTracker:
         return metrics
 
     def _statistics(self, history: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """history [S, L, 2E + 5] (summed over ranks) -> scalar metrics and per-expert loads."""
+        """history [S, L, 2E + 6] (summed over ranks) -> scalar metrics and per-expert loads."""
         num_experts = self.num_experts
         metrics: dict[str, float] = {}
         per_layer: dict[str, list[float]] = {}
@@ -184,7 +185,7 @@ class LoadTracker:
         return metrics, loads
 
     def _layer_metrics(self, rows: torch.Tensor) -> dict[str, float]:
-        """Per-step statistics of one layer, averaged over the steps in `rows` [S, 2E + 5]."""
+        """Per-step statistics of one layer, averaged over the steps in `rows` [S, 2E + 6]."""
         num_experts = self.num_experts
         sums: dict[str, float] = {}
         for row in rows:
@@ -193,7 +194,8 @@ class LoadTracker:
             stats = load_stats(before, after, extra[_DROPPED], extra[_REROUTED],
                                float(extra[_CAPACITY] / extra[_RECORDS]), self.expert_to_rank)
             step = {name: getattr(stats, name) for name in _REPORTED}
-            step.update(max_tokens_before=before.max(), max_tokens_after=after.max())
+            step.update(max_tokens_before=before.max(), max_tokens_after=after.max(),
+                        capacity_floor=extra[_FLOOR] / extra[_RECORDS])
             for name, value in step.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         return {name: total / rows.shape[0] for name, total in sums.items()}

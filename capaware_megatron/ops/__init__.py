@@ -1,7 +1,7 @@
 """The torch backend of the plan: twins of the Triton kernels (routing_plan) and the bounded
 reroute rounds (reroute), the CPU path and the reference the kernels are tested against."""
 
-from .reroute import Bins, Rerouted, reroute
+from .reroute import Rerouted, reroute
 from .routing_plan import (
     CandidateItems,
     bin_items,
@@ -12,6 +12,7 @@ from .routing_plan import (
     expert_bins,
     group_top_keys,
     kth_largest,
+    kth_of_top,
     listed,
     router_or_score,
     top_keys,
@@ -19,7 +20,6 @@ from .routing_plan import (
 )
 
 __all__ = [
-    "Bins",
     "CandidateItems",
     "Rerouted",
     "bin_items",
@@ -30,6 +30,7 @@ __all__ = [
     "expert_bins",
     "group_top_keys",
     "kth_largest",
+    "kth_of_top",
     "listed",
     "reroute",
     "router_or_score",

@@ -13,8 +13,9 @@ Alone, a bin accepts by rank: the proposals' key order is fixed across rounds (a
 its assignment's key), so one stable sort of their bins per round, taken in that order, finds
 each bin's cutoff (the rank of the last proposal its room admits) and acceptance is a compare
 of ranks. With global scope the rooms and thresholds are the group's, from fixed-size
-collectives ([B] room, [B, C] top proposal keys per round; with C on the device, the room-th key
-by radix select: 8 [B, 256] gathers per round), so every rank commits the same placements.
+collectives ([B] room, [B, C] top proposal keys per round, or [B, C_max] with C on the device and
+a token bound; without a bound, the room-th key by radix select: 8 [B, 256] gathers per round),
+so every rank commits the same placements.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from ..config import Count
 from ..group import RoutingGroup
+from ..layout import Bins
 from ..priority import NOT_ROUTED
 from .routing_plan import (
     CandidateItems,
@@ -35,28 +37,6 @@ from .routing_plan import (
     sort_small_ints,
     top_keys_per_bin,
 )
-
-@dataclass(frozen=True)
-class Bins:
-    """Where each expert's load is capped: expert_to_bin [E], num_bins B, experts_per_bin m;
-    are_experts: expert_to_bin is arange(E) (each expert its own bin, scopes local and global),
-    so bins need no lookup. EP ranks of one expert each need not hold them in order: False."""
-
-    expert_to_bin: torch.Tensor
-    num_bins: int
-    experts_per_bin: int
-    are_experts: bool = False
-
-    @property
-    def experts(self) -> torch.Tensor:
-        """[B, m] int64: the experts of each bin."""
-        order = torch.argsort(self.expert_to_bin, stable=True)
-        return order.view(self.num_bins, self.experts_per_bin)
-
-    def per_bin(self, per_expert: torch.Tensor) -> torch.Tensor:
-        """[E] -> [B]: sum over each bin's experts."""
-        out = torch.zeros(self.num_bins, dtype=per_expert.dtype, device=per_expert.device)
-        return out.index_add_(0, self.expert_to_bin, per_expert)
 
 
 @dataclass
@@ -85,6 +65,7 @@ def reroute(
     group: Optional[RoutingGroup] = None,
     carried: Optional[torch.Tensor] = None,
     picks: Optional[CandidateItems] = None,
+    capacity_slots: Optional[int] = None,
 ) -> Rerouted:
     """Place the router assignments drop removed (routing_map & ~kept_map) in `rounds` rounds.
 
@@ -102,6 +83,10 @@ def reroute(
             the assignment it replaces (reroute_weight "carry"); None: its new expert's score.
         picks: the router's picks listed with their keys ([T, k], the torch backend's candidate
             state for policy reroute), when drop already listed them; None: listed here.
+        capacity_slots: a host int no smaller than capacity (C itself, or its bound from
+            CapacityConfig.max_tokens_per_rank): with a group, each round's thresholds come from
+            one [B, slots] gather of top proposal keys; None (C on the device, unbounded): a
+            radix select.
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
@@ -148,7 +133,7 @@ def reroute(
             accepted, placed = _accepted_by_rank(key_rank, key_order, target_bins, room)
         else:
             accepted = _accepted_over_group(
-                pending_keys.masked_fill(~proposing, NOT_ROUTED), target_bins, room, capacity, group)
+                pending_keys.masked_fill(~proposing, NOT_ROUTED), target_bins, room, capacity_slots, group)
             placed = torch.zeros(bins.num_bins + 1, dtype=room.dtype, device=device).index_add_(
                 0, target_bins.reshape(-1), accepted.reshape(-1).long())[: bins.num_bins]
             placed = group.all_gather(placed).sum(0)
@@ -201,11 +186,11 @@ def _accepted_by_rank(
 
 
 def _accepted_over_group(
-    keys: torch.Tensor, bins: torch.Tensor, room: torch.Tensor, capacity: Count, group: RoutingGroup
+    keys: torch.Tensor, bins: torch.Tensor, room: torch.Tensor, slots: Optional[int], group: RoutingGroup
 ) -> torch.Tensor:
     """[T, k] bool: the proposals their bins accept, each bin its largest keys group-wide up
     to its room: the room-th largest key of each bin over the group is the threshold, from one
-    [B, C] gather when C is a host int (room <= C), else by radix select.
+    [B, slots] gather when a host bound on C is known (room <= C <= slots), else by radix select.
 
     keys [T, k] (NOT_ROUTED: no proposal), bins [T, k] their target bins (B: none, a bin of
     their own without room), room [B].
@@ -213,10 +198,10 @@ def _accepted_over_group(
     num_bins = room.shape[0]
     flat_bins, flat_keys = bins.reshape(-1), keys.reshape(-1)
     room_or_none = torch.cat([room, room.new_zeros(1)])
-    if isinstance(capacity, torch.Tensor):
+    if slots is None:
         threshold = kth_largest(flat_keys, flat_bins, num_bins + 1, room_or_none, group)
     else:
-        top = group_top_keys(top_keys_per_bin(flat_keys, flat_bins, num_bins + 1, capacity)[:num_bins], group)  # [B, C]
-        threshold = top.gather(1, (room - 1).clamp(0, capacity - 1).unsqueeze(1)).squeeze(1)
+        top = group_top_keys(top_keys_per_bin(flat_keys, flat_bins, num_bins + 1, slots)[:num_bins], group)
+        threshold = top.gather(1, (room - 1).clamp(0, slots - 1).unsqueeze(1)).squeeze(1)  # [B]
         threshold = torch.cat([threshold, threshold.new_zeros(1)])
     return (keys >= threshold.take(bins)) & (room_or_none > 0).take(bins)
