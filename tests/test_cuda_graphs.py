@@ -158,3 +158,30 @@ def test_capaware_moe_layer_decode_step_replays_in_a_cuda_graph(megatron_ep1, po
     assert layer.token_dispatcher.capacity == min(-(-64 * TOPK // NUM_EXPERTS), 64)
     assert int(layer.token_dispatcher.last_plan.num_dropped) + int(
         layer.token_dispatcher.last_plan.num_rerouted) > 0, "the cap must bind"
+
+
+@pytest.mark.parametrize("scope", ["local", "device"])
+def test_padded_plan_replays_with_each_steps_real_token_count(scope):
+    """A plan among padding (token_mask from a real-count tensor that the engine rewrites in
+    place every step) captured once: each replay plans that step's real tokens, as the eager
+    plan of those tokens alone does."""
+    cfg = CapacityConfig(1.0, policy="reroute", scope=scope)
+    layout = _layout()
+    static_scores, static_map = _routing(0)
+    real_count = torch.tensor([NUM_TOKENS], dtype=torch.int32, device="cuda")
+    rows = torch.arange(NUM_TOKENS, device="cuda")
+
+    def plan():
+        return plan_routing(static_scores, static_map, cfg, layout=layout, topk=TOPK, validate=False,
+                            token_mask=rows < real_count)
+
+    graph, captured = _captured(plan)
+    for real in (300, 77, NUM_TOKENS):
+        real_count.fill_(real)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = plan_routing(static_scores[:real], static_map[:real], cfg, layout=layout, topk=TOPK)
+        assert torch.equal(captured.routing_map[:real], eager.routing_map), real
+        assert not captured.routing_map[real:].any(), real
+        assert torch.equal(captured.tokens_per_expert_after, eager.tokens_per_expert_after), real
+        assert int(captured.capacity) == eager.capacity, real

@@ -148,3 +148,29 @@ def test_token_bound_flag_refuses_words(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _parse(["--moe-token-dispatcher", "capaware", "--capaware-max-tokens-per-rank", "many"], monkeypatch)
     assert "--capaware-max-tokens-per-rank" in capsys.readouterr().err
+
+
+def test_decode_factor_and_calibrated_floor_flags(monkeypatch, tmp_path):
+    from capaware_megatron.calibrate import Calibration, ExpertShape, save
+
+    path = save(Calibration(ExpertShape(16, 24, "float32", 4), "cpu", (1, 2), (1.0, 1.0), 0.1, 2),
+                tmp_path / "knees.json")
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-decode-capacity-factor", "1.5",
+                   "--capaware-min-capacity", str(path)], monkeypatch)
+    assert capacity_config_from_args(args) == CapacityConfig(decode_capacity_factor=1.5, min_capacity=str(path))
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "1.0",
+                   "--capaware-min-capacity", "auto"], monkeypatch)
+    assert capacity_config_from_args(args).min_capacity == "auto"
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "1.0",
+                   "--capaware-min-capacity", "12"], monkeypatch)
+    assert capacity_config_from_args(args).min_capacity == 12
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-capacity-factor", "1.0",
+                   "--capaware-min-capacity", str(tmp_path / "none.json")], monkeypatch)
+    with pytest.raises(FileNotFoundError, match="min_capacity: no calibration file"):
+        capacity_config_from_args(args)
+    args = _parse(["--moe-token-dispatcher", "capaware", "--capaware-decode-capacity-factor", "0"], monkeypatch)
+    with pytest.raises(ValueError, match="decode_capacity_factor must be > 0"):
+        capacity_config_from_args(args)
+    args = _parse(["--moe-token-dispatcher-type", "alltoall", "--capaware-decode-capacity-factor", "2"], monkeypatch)
+    with pytest.raises(ValueError, match="--capaware-decode-capacity-factor needs --moe-token-dispatcher-type capaware"):
+        validate_capaware_args(args)

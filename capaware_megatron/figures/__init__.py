@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .plots import QualityPoint
+    from .plots import DecodePoint, QualityPoint
 
-__all__ = ["QualityPoint", "expert_load_bars", "load_heatmap", "quality_vs_speedup", "save", "to_rgb"]
+__all__ = ["DecodePoint", "QualityPoint", "decode_pareto", "expert_load_bars", "load_heatmap",
+           "quality_vs_speedup", "save", "to_rgb"]
 
 
 def _plots():

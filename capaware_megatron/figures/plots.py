@@ -163,6 +163,55 @@ def quality_vs_speedup(points: Sequence[QualityPoint], title: str = "") -> Figur
     return figure
 
 
+@dataclass(frozen=True)
+class DecodePoint:
+    """One decode setting at one batch size: its decode-step MoE time and its quality."""
+
+    setting: str
+    batch: int
+    ep: int
+    milliseconds: float
+    perplexity_increase: float  # over dropless, in percent
+
+
+def decode_pareto(points: Sequence[DecodePoint], baseline_ms: dict[tuple[int, int], float],
+                  title: str = "") -> Figure:
+    """Decode-step MoE time against perplexity increase: a panel per EP size, a curve per batch
+    size through its settings (in order of time), Megatron's E/k padding time as a dashed mark.
+
+    baseline_ms: {(batch, ep): Megatron's E/k decode-step time}.
+    """
+    if not points:
+        raise ValueError("decode_pareto needs at least one point")
+    eps = sorted({p.ep for p in points})
+    batches = sorted({p.batch for p in points})
+    figure = Figure(figsize=(5.5 * len(eps), 4.2), layout="constrained")
+    panels = figure.subplots(1, len(eps), squeeze=False)[0]
+    colours = dict(zip(batches, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    for axes, ep in zip(panels, eps):
+        for batch in batches:
+            mine = sorted((p for p in points if p.ep == ep and p.batch == batch), key=lambda p: p.milliseconds)
+            if not mine:
+                continue
+            colour = colours[batch]
+            axes.plot([p.milliseconds for p in mine], [p.perplexity_increase for p in mine], "o-",
+                      color=colour, label=f"B {batch} per rank")
+            for p in mine:
+                axes.annotate(p.setting, (p.milliseconds, p.perplexity_increase), xytext=(4, 3),
+                              textcoords="offset points", fontsize=7, color=colour)
+            if (batch, ep) in baseline_ms:
+                axes.axvline(baseline_ms[(batch, ep)], color=colour, linestyle="--", linewidth=0.8)
+        axes.axhline(2.0, color="gray", linestyle=":", linewidth=0.8)
+        axes.set_xscale("log")
+        axes.set_xlabel("decode-step MoE time, ms (slowest rank; dashed: Megatron's E/k padding)", fontsize=8)
+        axes.set_ylabel("decode perplexity increase over dropless, %")
+        axes.set_title(f"EP{ep}", fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.suptitle(title or "capacity-aware decode: time vs quality", fontsize=11)
+    return figure
+
+
 def to_rgb(figure: Figure):
     """[H, W, 3] uint8 numpy array of the rendered figure (for wandb.Image, TensorBoard, ...)."""
     import numpy as np

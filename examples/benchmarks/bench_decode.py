@@ -80,7 +80,11 @@ def _padded_for_decode(layer):
     return layer
 
 
-def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, layer_shape: dict):
+def decode_step_samples(rank: int, world_size: int, tokens: int, rounds: int, layer_shape: dict,
+                        configs: dict[str, CapacityConfig | None]):
+    """(rank 0) {run: (seconds per round, rows into the rank's experts)}: one padded decode step
+    of the layer per run and round, `tokens` per rank; a run's config None is Megatron's stock
+    all-to-all with its E/k padding. Runs inside a gloo rank (run_gloo)."""
     from megatron.core import parallel_state
     from megatron.core.inference.utils import InferenceMode
 
@@ -91,10 +95,8 @@ def _rank_main(rank: int, world_size: int, tokens: int, rounds: int, layer_shape
     cpu_shims.apply()
     install()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
-    runs = {"Megatron E/k": _padded_for_decode(_build_layer("alltoall", None, world_size))}
-    for gamma in GAMMAS:
-        runs[f"capaware g{gamma}"] = _padded_for_decode(
-            _build_layer("capaware", CapacityConfig(gamma), world_size))
+    runs = {name: _padded_for_decode(_build_layer("alltoall" if cfg is None else "capaware", cfg, world_size))
+            for name, cfg in configs.items()}
     rows = {}
     for name, layer in runs.items():
         layer.experts.register_forward_pre_hook(
@@ -114,7 +116,8 @@ def _measured(token_counts: tuple[int, ...], rounds: int, eps: tuple[int, ...]) 
              f"{'rows cut':>9} {'time cut':>9} {'of rows':>8}"]
     settings = [(tokens, ep) for tokens in token_counts for ep in eps]
     for tokens, ep in tqdm(settings, desc="decode benchmark", unit="setting", dynamic_ncols=True):
-        results = run_gloo(_rank_main, ep, tokens, rounds, dict(LAYER), timeout=1200)[0]
+        configs = {"Megatron E/k": None, **{f"capaware g{gamma}": CapacityConfig(gamma) for gamma in GAMMAS}}
+        results = run_gloo(decode_step_samples, ep, tokens, rounds, dict(LAYER), configs, timeout=1200)[0]
         base_rows, base_time = results["Megatron E/k"][1], quartiles(results["Megatron E/k"][0])[1]
         for name, (seconds, rows) in results.items():
             q1, median, q3 = quartiles(seconds)

@@ -59,7 +59,8 @@ class SimulatedRanks:
             dispatcher.plan = lambda routing_map, probs, d=dispatcher: self._plan(d, routing_map, probs)
 
     def set(self, cfg: CapacityConfig, ep: int, per_rank: int, decode: bool) -> None:
-        self.cfg, self.ep, self.per_rank, self.decode = cfg, ep, per_rank, decode
+        """Decode: every position is a decode step, planned with the decode configuration."""
+        self.cfg, self.ep, self.per_rank, self.decode = cfg.for_decode() if decode else cfg, ep, per_rank, decode
         self.dropped = self.routed = 0
 
     def _plan(self, dispatcher, routing_map, probs):
@@ -75,7 +76,7 @@ class SimulatedRanks:
         return plan
 
 
-def _perplexity(model, windows: torch.Tensor, batch: int) -> float:
+def perplexity(model, windows: torch.Tensor, batch: int) -> float:
     nll = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, len(windows) - batch + 1, batch):
@@ -84,7 +85,7 @@ def _perplexity(model, windows: torch.Tensor, batch: int) -> float:
     return math.exp(float(nll[0] / nll[1]))
 
 
-def _generate(model, prompts: torch.Tensor, num_bytes: int) -> torch.Tensor:
+def generate(model, prompts: torch.Tensor, num_bytes: int) -> torch.Tensor:
     """[B, num_bytes] greedy continuation with a KV cache: a prefill step, then one decode step
     (one token per sequence) per byte."""
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -104,7 +105,9 @@ def _generate(model, prompts: torch.Tensor, num_bytes: int) -> torch.Tensor:
     return tokens[:, length:]
 
 
-def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, decode_batches):
+def trained_model_with_simulated_ranks():
+    """(the trained tiny model in eval mode, its SimulatedRanks), in a process of its own (a
+    gloo rank of one: Megatron's parallel state, the CPU shims and the plugin installed)."""
     from megatron.core import parallel_state
 
     from capaware_megatron.megatron import cpu_shims, install
@@ -115,7 +118,11 @@ def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, dec
     model = tiny.build("capaware")
     tiny.load_checkpoint(model)
     model.eval()
-    ranks = SimulatedRanks(model)
+    return model, SimulatedRanks(model)
+
+
+def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, decode_batches):
+    model, ranks = trained_model_with_simulated_ranks()
     windows = tiny.windows(tiny.corpus("heldout", max_bytes=600_000))
     evaluation = windows[:num_windows]
     runs = []  # (section, setting, cfg, ep, per_rank, decode)
@@ -143,18 +150,18 @@ def _main(rank: int, world_size: int, num_windows: int, generate_bytes: int, dec
         (f"{policy} g{gamma}", CapacityConfig(gamma, policy=policy)) for gamma in GAMMAS for policy in POLICIES]
     for name, cfg in tqdm(settings, desc="generation", unit="run", dynamic_ncols=True):
         ranks.set(cfg, 2, 16, True)
-        generated[name] = _generate(model, prompts, generate_bytes)
+        generated[name] = generate(model, prompts, generate_bytes)
     differ = {name: float((tokens != generated["dropless"]).double().mean()) for name, tokens in generated.items()}
     results = {}
     ranks.set(CapacityConfig(None), 1, len(evaluation), False)
-    dropless = _perplexity(model, evaluation, 32)
+    dropless = perplexity(model, evaluation, 32)
     for section, setting, cfg, ep, per_rank, decode, *variant in tqdm(
             runs, desc="evidence runs", unit="run", dynamic_ncols=True):
         ranks.set(cfg, ep, per_rank, decode)
-        perplexity = _perplexity(model, evaluation, ep * per_rank)
+        value = perplexity(model, evaluation, ep * per_rank)
         row = variant[0] if variant else cfg.policy
         results[(section, setting, row, cfg.capacity_factor)] = (
-            perplexity, ranks.dropped / max(ranks.routed, 1))
+            value, ranks.dropped / max(ranks.routed, 1))
     return dropless, results, differ
 
 
