@@ -65,3 +65,22 @@ def test_save_and_render(tmp_path):
     pixels = figures.to_rgb(figure)
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.dtype.name == "uint8"
     assert pixels.std() > 10  # not a blank canvas
+
+
+def test_decode_pareto_draws_each_batch_sizes_frontier():
+    point = figures.DecodePoint
+    points = [point("dropless", "dropless", 8, 2, 10.0, 0.0), point("g1.0 local", "g1.0 local", 8, 2, 5.0, 30.0),
+              point("g1.0 global", "g1.0 global", 8, 2, 12.0, 15.0),  # slower and worse: off the frontier
+              point("decode factor + floor", "g1.5 floor", 8, 2, 7.0, 1.0),
+              point("dropless", "dropless", 32, 2, 20.0, 0.0), point("g1.0 local", "g1.0 local", 32, 2, 9.0, 9.0)]
+    figure = figures.decode_pareto(points, {(8, 2): 10.5, (32, 2): 20.5})
+    (axes,) = figure.axes
+    frontiers = {line.get_label(): line for line in axes.lines if "frontier" in line.get_label()}
+    small = frontiers["B 8 per rank (frontier)"]
+    assert small.get_xdata().tolist() == [5.0, 7.0, 10.0] and small.get_ydata().tolist() == [30.0, 1.0, 0.0]
+    assert frontiers["B 32 per rank (frontier)"].get_xdata().tolist() == [9.0, 20.0]
+    assert [t.get_text() for t in axes.texts] == ["g1.5 floor"]  # the decode factor's label
+    assert sorted(round(line.get_xdata()[0], 1) for line in axes.lines if line.get_linestyle() == "--") == [10.5, 20.5]
+    assert axes.get_title() == "EP2" and axes.get_xscale() == "log"
+    with pytest.raises(ValueError, match="at least one point"):
+        figures.decode_pareto([], {})

@@ -165,19 +165,35 @@ def quality_vs_speedup(points: Sequence[QualityPoint], title: str = "") -> Figur
 
 @dataclass(frozen=True)
 class DecodePoint:
-    """One decode setting at one batch size: its decode-step MoE time and its quality."""
+    """One decode setting at one batch size: its decode-step MoE time and its quality. kind
+    groups settings across batch sizes (one marker each); label is drawn beside the point."""
 
-    setting: str
+    kind: str
+    label: str
     batch: int
     ep: int
     milliseconds: float
     perplexity_increase: float  # over dropless, in percent
 
 
+_MARKERS = ("*", "o", "s", "^", "D", "v", "P")
+
+
+def _frontier(points: Sequence[DecodePoint]) -> list[DecodePoint]:
+    """The points no other point beats in both time and quality, fastest first."""
+    best, frontier = float("inf"), []
+    for point in sorted(points, key=lambda p: (p.milliseconds, p.perplexity_increase)):
+        if point.perplexity_increase < best:
+            frontier.append(point)
+            best = point.perplexity_increase
+    return frontier
+
+
 def decode_pareto(points: Sequence[DecodePoint], baseline_ms: dict[tuple[int, int], float],
                   title: str = "") -> Figure:
-    """Decode-step MoE time against perplexity increase: a panel per EP size, a curve per batch
-    size through its settings (in order of time), Megatron's E/k padding time as a dashed mark.
+    """Decode-step MoE time against perplexity increase: a panel per EP size, a colour per batch
+    size, a marker per kind of setting, each batch size's Pareto frontier as a line, and
+    Megatron's E/k padding time as a dashed mark.
 
     baseline_ms: {(batch, ep): Megatron's E/k decode-step time}.
     """
@@ -185,29 +201,37 @@ def decode_pareto(points: Sequence[DecodePoint], baseline_ms: dict[tuple[int, in
         raise ValueError("decode_pareto needs at least one point")
     eps = sorted({p.ep for p in points})
     batches = sorted({p.batch for p in points})
-    figure = Figure(figsize=(5.5 * len(eps), 4.2), layout="constrained")
-    panels = figure.subplots(1, len(eps), squeeze=False)[0]
+    kinds = list(dict.fromkeys(p.kind for p in points))
+    markers = dict(zip(kinds, _MARKERS))
     colours = dict(zip(batches, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")))
+    figure = Figure(figsize=(5.5 * len(eps), 4.6), layout="constrained")
+    panels = figure.subplots(1, len(eps), squeeze=False)[0]
     for axes, ep in zip(panels, eps):
         for batch in batches:
-            mine = sorted((p for p in points if p.ep == ep and p.batch == batch), key=lambda p: p.milliseconds)
+            mine = [p for p in points if p.ep == ep and p.batch == batch]
             if not mine:
                 continue
             colour = colours[batch]
-            axes.plot([p.milliseconds for p in mine], [p.perplexity_increase for p in mine], "o-",
-                      color=colour, label=f"B {batch} per rank")
             for p in mine:
-                axes.annotate(p.setting, (p.milliseconds, p.perplexity_increase), xytext=(4, 3),
-                              textcoords="offset points", fontsize=7, color=colour)
+                axes.scatter(p.milliseconds, p.perplexity_increase, marker=markers[p.kind], color=colour,
+                             s=110 if markers[p.kind] == "*" else 45, zorder=3)
+                if p.label != p.kind:
+                    axes.annotate(p.label, (p.milliseconds, p.perplexity_increase), xytext=(4, 4),
+                                  textcoords="offset points", fontsize=7, color=colour)
+            frontier = _frontier(mine)
+            axes.plot([p.milliseconds for p in frontier], [p.perplexity_increase for p in frontier], "-",
+                      color=colour, linewidth=1.2, label=f"B {batch} per rank (frontier)")
             if (batch, ep) in baseline_ms:
                 axes.axvline(baseline_ms[(batch, ep)], color=colour, linestyle="--", linewidth=0.8)
+        for kind in kinds:
+            axes.scatter([], [], marker=markers[kind], color="gray", label=kind)
         axes.axhline(2.0, color="gray", linestyle=":", linewidth=0.8)
         axes.set_xscale("log")
         axes.set_xlabel("decode-step MoE time, ms (slowest rank; dashed: Megatron's E/k padding)", fontsize=8)
         axes.set_ylabel("decode perplexity increase over dropless, %")
         axes.set_title(f"EP{ep}", fontsize=10)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=7)
     figure.suptitle(title or "capacity-aware decode: time vs quality", fontsize=11)
     return figure
 

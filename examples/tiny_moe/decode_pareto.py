@@ -141,6 +141,7 @@ def _report(quality, times, chosen) -> tuple[list[str], list, dict]:
         stock = quartiles(samples["Megatron E/k"][0])[1]
         baseline[(batch, ep)] = 1e3 * stock
         reference_saving = stock - quartiles(samples["g1.0 local"][0])[1]
+        decode_name = list(row)[-1]  # the chosen decode factor's setting
         meeting, best = [], None  # best: the largest share of the saving within 2%
         for name in ("Megatron E/k", *row):
             seconds, rows = samples[name]
@@ -153,7 +154,8 @@ def _report(quality, times, chosen) -> tuple[list[str], list, dict]:
                 value, dropped, same = row[name]
                 increase = value / row["dropless"][0] - 1
                 quality_cells = f"{value:>8.4f} {100 * increase:>+10.2f}% {100 * dropped:>5.1f}% {100 * same:>9.1f}%"
-                points.append(DecodePoint(name, batch, ep, 1e3 * median, 100 * increase))
+                kind = "decode factor + floor" if name == decode_name else name
+                points.append(DecodePoint(kind, name, batch, ep, 1e3 * median, 100 * increase))
                 if increase <= QUALITY_LIMIT:
                     best = max(best or (share, name), (share, name))
                     if share >= SAVING_SHARE:
