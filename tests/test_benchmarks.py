@@ -85,3 +85,23 @@ def test_paired_perplexity_difference():
     mean, error = bench_reroute.paired_difference(worse, exact)
     assert abs(mean - 0.1) < 1e-12 and error < 1e-12
     assert abs(bench_reroute.perplexity(exact) - math.exp(62 / 26)) < 1e-12
+
+
+def test_decode_pareto_runs_end_to_end(tmp_path):
+    """The decode Pareto on the smallest grid: calibration, quality, time, verdicts, figure."""
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("matplotlib")
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny_moe", "decode_pareto.py")
+    figure = tmp_path / "pareto.png"
+    run = subprocess.run([sys.executable, script, "--batches", "8", "--ep", "2", "--windows", "16",
+                          "--tune-windows", "16", "--generate-bytes", "2", "--rounds", "2", "--max-rows", "4",
+                          "--figure", str(figure)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("   8   2 ")]
+    assert [row[2] for row in rows][:4] == ["Megatron", "dropless", "g1.0", "g1.0"] and len(rows) == 6
+    dropless = next(row for row in rows if row[2] == "dropless")
+    assert dropless[3] == "64" and dropless[-1] == "100.0%"  # E/k rows, every byte as dropless
+    assert "B   8 EP2: decode factor" in run.stdout and "knee" in run.stdout
+    assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
