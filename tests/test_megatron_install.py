@@ -237,3 +237,77 @@ def test_transformer_layer_sees_alltoall_while_its_moe_layer_is_capaware():
     seen, after = run_gloo(_transformer_layer_build, 1)[0]
     assert seen == [("alltoall", "CapacityAwareTokenDispatcher")] * 2
     assert after == ["capaware", "capaware"]
+
+
+def test_dynamic_inference_contexts_hand_the_dispatcher_their_step_counts():
+    """install() wraps DynamicInferenceContext.__init__: each context binds its real token count
+    (padding rows take no capacity) and its most tokens per step (the eager global bound). The
+    context needs CUDA to build, so a stand-in runs the wrapper; Megatron's own source is held to
+    the attributes it reads."""
+    import inspect
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core.inference.contexts import dynamic_context
+
+    import importlib
+
+    from capaware_megatron.megatron.dispatcher import CapacityAwareTokenDispatcher as Dispatcher
+
+    source = inspect.getsource(dynamic_context.DynamicInferenceContext)
+    assert "self.gpu_view.real_token_count" in source and "self.max_tokens =" in source
+    assert "def round_up_tokens" in source
+    with capaware.installed():
+        assert dynamic_context.DynamicInferenceContext.__init__.__wrapped__ is not None
+    count = torch.tensor([3], dtype=torch.int32)
+
+    class Context:
+        def __init__(self):
+            self.gpu_view = SimpleNamespace(real_token_count=count)
+            self.max_tokens = 100
+
+        def round_up_tokens(self, tokens):
+            return -(-tokens // 64) * 64
+
+    try:
+        context = Context.__new__(Context)
+        install_module = importlib.import_module("capaware_megatron.megatron.install")
+        install_module._binding_inference_context(Context.__init__)(context)
+        assert Dispatcher.real_token_count is count and Dispatcher.inference_max_tokens == 128
+        with pytest.raises(ValueError, match="one-element integer tensor"):
+            Dispatcher.set_real_token_count_tensor(torch.zeros(2))
+    finally:
+        Dispatcher.set_real_token_count_tensor(None)
+        Dispatcher.inference_max_tokens = None
+
+
+def _inference_bound_of_a_global_layer(rank, world_size):
+    import megatron_harness as mh
+    from megatron.core.inference.utils import InferenceMode, set_decode_expert_padding
+
+    from capaware_megatron import CapacityConfig
+    from capaware_megatron.megatron.dispatcher import CapacityAwareTokenDispatcher as Dispatcher
+
+    mh.setup(mh.Layout(world_size=1))
+    layer = mh.moe_layer(mh.Layout(world_size=1), "capaware", CapacityConfig(1.0, scope="global")).eval()
+    own = mh.moe_layer(mh.Layout(world_size=1), "capaware",
+                       CapacityConfig(1.0, scope="global", max_tokens_per_rank=32)).eval()
+    Dispatcher.inference_max_tokens = 128
+    try:
+        outside = layer.token_dispatcher.step_config.max_tokens_per_rank
+        with InferenceMode.active():
+            inside = layer.token_dispatcher.step_config.max_tokens_per_rank
+            kept = own.token_dispatcher.step_config.max_tokens_per_rank
+            set_decode_expert_padding(layer, True, capacity_factor=mh.EXPERTS / mh.TOPK)
+            padded = layer.token_dispatcher.step_config.max_tokens_per_rank
+    finally:
+        Dispatcher.inference_max_tokens = None
+    return outside, inside, kept, padded
+
+
+def test_eager_global_inference_steps_take_the_engines_bound():
+    from capaware_megatron.multiprocess import run_gloo
+
+    # Outside inference: none; eager inference: the engine's; a layer's own bound wins; padded
+    # decode plans a static token count and needs none.
+    assert run_gloo(_inference_bound_of_a_global_layer, 1) == [(None, 128, 32, None)]

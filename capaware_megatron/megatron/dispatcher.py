@@ -92,6 +92,11 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
     padding), a fixed-address device tensor refreshed by the inference engine every step; read
     while Megatron's InferenceMode is active. Set by set_real_token_count_tensor."""
 
+    inference_max_tokens: Optional[int] = None
+    """The most tokens an inference step runs on one rank (the dynamic inference context's
+    max_tokens, rounded up to a CUDA-graph size; install() binds it): eager global-scope steps
+    under InferenceMode take it as CapacityConfig.max_tokens_per_rank when that is unset."""
+
     @classmethod
     def set_real_token_count_tensor(cls, tensor: Optional[torch.Tensor]) -> None:
         """Bind the step's real token count (Megatron's ``context.gpu_view.real_token_count``,
@@ -184,8 +189,14 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
     @property
     def step_config(self) -> CapacityConfig:
         """The configuration of the step running now: decode's (decode_capacity_factor) when
-        Megatron switched the layer to drop-and-pad for CUDA-graph decode."""
-        return self.capacity_config.for_decode() if self.drop_and_pad else self.capacity_config
+        Megatron switched the layer to drop-and-pad for CUDA-graph decode; in an inference step
+        of eager global scope, bounded by the engine's most tokens per step unless it has a bound."""
+        cfg = self.capacity_config.for_decode() if self.drop_and_pad else self.capacity_config
+        bound = type(self).inference_max_tokens
+        if (cfg.scope == "global" and cfg.max_tokens_per_rank is None and bound is not None
+                and not self.drop_and_pad and InferenceMode.is_active()):
+            cfg = dataclasses.replace(cfg, max_tokens_per_rank=bound)
+        return cfg
 
     @property
     def sizes_padded_step(self) -> bool:

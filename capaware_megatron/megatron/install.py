@@ -55,9 +55,10 @@ def install() -> None:
     _replace(common_utils, "should_free_input",
              _presenting_alltoall(common_utils.should_free_input, _argument(2, "config")))
     # Every dynamic inference context publishes its step's real token count to the dispatcher,
-    # as Megatron's own NVLS inference dispatcher receives it: padding rows take no capacity.
+    # as Megatron's own NVLS inference dispatcher receives it (padding rows take no capacity),
+    # and its most tokens per step (a bound for eager global scope).
     _replace(dynamic_context.DynamicInferenceContext, "__init__",
-             _binding_real_token_count(dynamic_context.DynamicInferenceContext.__init__))
+             _binding_inference_context(dynamic_context.DynamicInferenceContext.__init__))
     logger.info("capaware: MoELayer builds CapacityAwareTokenDispatcher for type %r", DISPATCHER_TYPE)
 
 
@@ -166,15 +167,19 @@ def _presenting_alltoall(function: Any, config_of: Any) -> Any:
     return wrapped
 
 
-def _binding_real_token_count(original_init):
+def _binding_inference_context(original_init):
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
+        from .dispatcher import CapacityAwareTokenDispatcher
+
         count = getattr(getattr(self, "gpu_view", None), "real_token_count", None)
         if count is not None:
-            from .dispatcher import CapacityAwareTokenDispatcher
-
             CapacityAwareTokenDispatcher.set_real_token_count_tensor(count)
+        max_tokens = getattr(self, "max_tokens", None)
+        if isinstance(max_tokens, int) and hasattr(self, "round_up_tokens"):
+            # A step's rows are its tokens rounded up to a CUDA-graph size: at most this many.
+            CapacityAwareTokenDispatcher.inference_max_tokens = self.round_up_tokens(max_tokens)
 
     return __init__
 
