@@ -21,7 +21,7 @@ Host synchronization: none with an ExpertLayout (or none needed), ``validate=Fal
 Global scope: when the group says every rank plans the same number of tokens
 (``RoutingGroup.tokens_per_rank``, CUDA-graph decode) C is a host int and each bin's group-wide
 threshold comes from one [B, C] gather; otherwise the ranks' token counts are exchanged as a
-[W, 2] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from one
+[W, 3] tensor that stays on the device, C is a 0-dim tensor, and the thresholds come from one
 [B, C_max] gather of every rank's top keys when CapacityConfig.max_tokens_per_rank bounds C on
 the host (C_max), else from a radix select over the group (ops.kth_largest: 8 gathers of
 [B, 256] digit counts).

@@ -60,6 +60,20 @@ def test_padded_plan_equals_the_unpadded_plan(cfg, real):
     assert int(loads.max()) <= int(padded.capacity)
 
 
+@pytest.mark.parametrize("policy", ["drop", "reroute", "expanded"])
+@pytest.mark.parametrize("scope", ["local", "device"])
+def test_triton_backend_plans_padding_as_torch_does(policy, scope):
+    pytest.importorskip("capaware_megatron.kernels")
+    scores, routing_map = _padded(30)
+    mask = torch.arange(ROWS) < 30
+    plans = [plan_routing(scores, routing_map, CapacityConfig(0.75, policy=policy, scope=scope, backend=backend),
+                          layout=LAYOUT, topk=TOPK, validate=False, token_mask=mask)
+             for backend in ("torch", "triton")]
+    assert torch.equal(plans[0].routing_map, plans[1].routing_map)
+    torch.testing.assert_close(plans[0].probs, plans[1].probs)
+    assert int(plans[0].num_dropped) + int(plans[0].num_rerouted) > 0
+
+
 def test_the_cap_binds_among_the_padding():
     scores, routing_map = _padded(30)
     plan = plan_routing(scores, routing_map, CapacityConfig(0.75), token_mask=torch.arange(ROWS) < 30)

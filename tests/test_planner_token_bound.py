@@ -6,6 +6,7 @@ to the single-process plan of the gathered batch (and to the unbounded plan), wi
 and fewer collectives; a bound the tokens exceed is an error on every rank.
 """
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -58,8 +59,9 @@ def _bounded_plans(rank, world_size, configs):
     return results
 
 
-def _configs(bound):
-    return [CapacityConfig(1.0, policy=policy, priority=priority, scope="global", max_tokens_per_rank=bound)
+def _configs(bound, backend="torch"):
+    return [CapacityConfig(1.0, policy=policy, priority=priority, scope="global", max_tokens_per_rank=bound,
+                           backend=backend)
             for policy in POLICIES for priority in PRIORITIES]
 
 
@@ -68,13 +70,16 @@ def test_bounded_global_plan_is_the_gathered_plan_with_one_gather(world_size):
     tight = max(SHARDS[world_size])
     loose = GATHERED_TOP_KEYS_MAX * NUM_EXPERTS  # C_max above the limit: the radix select again
     configs = _configs(tight) + _configs(None) + _configs(loose)
+    if importlib.util.find_spec("triton") is not None:  # the Triton select's unordered top keys
+        configs += _configs(tight, "triton")
     per_rank = run_gloo(_bounded_plans, world_size, configs)
     scores, routing_map, _, local = _batch(world_size)
     count = len(POLICIES) * len(PRIORITIES)
     for i, cfg in enumerate(configs):
         results = [per_rank[r][i] for r in range(world_size)]
         assert all(r["syncs"] == [] for r in results), cfg
-        whole = plan_routing(scores, routing_map, replace(cfg, max_tokens_per_rank=None), local_experts=local)
+        whole = plan_routing(scores, routing_map, replace(cfg, max_tokens_per_rank=None, backend="torch"),
+                             local_experts=local)
         assert torch.equal(torch.cat([r["map"] for r in results]), whole.routing_map), cfg
         torch.testing.assert_close(torch.cat([r["probs"] for r in results]), whole.probs)
         assert int(sum(r["after"] for r in results).max()) <= whole.capacity, cfg
