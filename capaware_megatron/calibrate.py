@@ -72,6 +72,14 @@ class Calibration:
                 "knee_rows": self.knee_rows}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name a calibration files a dtype under ("bfloat16", ...)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"expert weights in {dtype} cannot be calibrated; use one of {', '.join(DTYPES)}")
+    return name
+
+
 def device_name(device: Union[str, torch.device]) -> str:
     """The name a calibration is filed under: the GPU's model, or "cpu"."""
     device = torch.device(device)

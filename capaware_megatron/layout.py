@@ -115,7 +115,6 @@ class Bins:
         return cls(layout.expert_to_rank, layout.num_ranks, layout.experts_per_rank)
 
 
-
 def _index_tensor(name: str, value: ExpertSet) -> torch.Tensor:
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(list(value), dtype=torch.int64)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.dim() != 1:

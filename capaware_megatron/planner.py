@@ -191,8 +191,9 @@ def plan_routing(
     )
     if global_group is None and not counted_on_device:
         thresholds = ops.bin_thresholds(state, bins.experts, capacity)
-    elif global_group is None:
-        thresholds = torch_ops.kth_of_top(ops.bin_top_keys(state, bins.experts, capacity_slots), capacity)
+    elif global_group is None:  # the Triton select writes a bin's top keys unordered: top_keys sorts
+        top = torch_ops.top_keys(ops.bin_top_keys(state, bins.experts, capacity_slots), capacity_slots)
+        thresholds = torch_ops.kth_of_top(top, capacity)
     elif capacity_slots is None:
         keys, key_bins = ops.bin_items(state, bins.expert_to_bin)
         thresholds = torch_ops.kth_largest(

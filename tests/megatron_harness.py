@@ -202,6 +202,18 @@ def pipeline_step(model, forward_only: bool = False):
     return (None if loss is None else loss.detach()), grads
 
 
+def weighted_round_trip(dispatcher, hidden: torch.Tensor, routing_map: torch.Tensor,
+                        probs: torch.Tensor) -> torch.Tensor:
+    """[T, H] hidden back through the dispatcher with identity experts: permute, all-to-all,
+    each received row times its permuted weight, combine (Megatron's dispatcher tests' round
+    trip: each token's hidden state times the sum of its planned weights)."""
+    tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
+    tokens, weights = dispatcher.token_dispatch(tokens, weights)
+    tokens, _, weights = dispatcher.dispatch_postprocess(tokens, weights)
+    tokens = dispatcher.combine_preprocess(tokens * weights.unsqueeze(-1).to(tokens.dtype))
+    return dispatcher.combine_postprocess(dispatcher.token_combine(tokens))
+
+
 def model_forward(model, tokens: torch.Tensor) -> torch.Tensor:
     """[B, S, V] logits of a causal forward over [B, S] token ids (no KV cache)."""
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)

@@ -14,6 +14,7 @@ from capaware_megatron import CapacityConfig, plan_routing
 from capaware_megatron.calibrate import (
     Calibration,
     ExpertShape,
+    dtype_name,
     find_knee,
     knee_for,
     load,
@@ -40,6 +41,9 @@ def test_knee_is_the_last_row_count_within_tolerance():
     with pytest.raises(ValueError):
         find_knee([1, 2], [1.0], 0.1)
     assert row_counts(64) == [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+    assert dtype_name(torch.bfloat16) == "bfloat16"
+    with pytest.raises(ValueError, match="cannot be calibrated; use one of float32"):
+        dtype_name(torch.int8)
 
 
 def test_measure_on_this_device():
@@ -115,7 +119,11 @@ def _megatron_floor(rank, world_size, path):
     hidden = mh.local_input(4, seed=rank, requires_grad=False)
     with torch.no_grad():
         layer(hidden)
-    return layer.token_dispatcher.capacity_config.min_capacity, layer.token_dispatcher.last_plan.capacity
+    resolved = layer.token_dispatcher.capacity_config.min_capacity, layer.token_dispatcher.last_plan.capacity
+    # A configuration assigned later (as the benchmarks switch runs) is resolved alike.
+    later = mh.moe_layer(layout, "capaware", CapacityConfig(1.0)).token_dispatcher
+    later.capacity_config = CapacityConfig(2.0, min_capacity=path, decode_capacity_factor=1.0)
+    return (*resolved, later.capacity_config.min_capacity, later._decode_config.capacity_factor)
 
 
 def test_megatron_layer_resolves_the_floor_for_its_experts(tmp_path):
@@ -126,7 +134,7 @@ def test_megatron_layer_resolves_the_floor_for_its_experts(tmp_path):
     path = save(_calibration(ExpertShape(mh.HIDDEN, mh.FFN, "float32", mh.EXPERTS // 2), knee=3), tmp_path / "k.json")
     results = run_gloo(_megatron_floor, 2, str(path))
     # 4 tokens x top-2 over 8 experts: a mean of 1 < the floor 3: the guard leaves it uncapped.
-    assert results == [(3, 4), (3, 4)]
+    assert results == [(3, 4, 3, 1.0), (3, 4, 3, 1.0)]
     missing = tmp_path / "other.json"
     save(_calibration(ExpertShape(99, 99, "float32", 1), knee=3), missing)
     with pytest.raises(RuntimeError, match="no calibration for"):

@@ -109,11 +109,7 @@ def _padded_dispatch_syncs(model):
         mh.switch_decode_padding(model, padded=True)
         with HostSyncRecorder() as syncs:
             probs, routing_map = layer.router(hidden)  # the tap: the router's own top-k
-            tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
-            tokens, weights = dispatcher.token_dispatch(tokens, weights)
-            tokens, _, weights = dispatcher.dispatch_postprocess(tokens, weights)
-            tokens = dispatcher.combine_preprocess(tokens * weights.unsqueeze(-1))
-            dispatcher.combine_postprocess(dispatcher.token_combine(tokens))
+            mh.weighted_round_trip(dispatcher, hidden, routing_map, probs)
     return syncs.ops, int(routing_map.sum())
 
 

@@ -100,11 +100,7 @@ def _padded_step_syncs(layout, rank):
         try:
             with HostSyncRecorder() as syncs:
                 probs, routing_map = layer.router(hidden, padding)
-                tokens, weights = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
-                tokens, weights = dispatcher.token_dispatch(tokens, weights)
-                tokens, _, weights = dispatcher.dispatch_postprocess(tokens, weights)
-                tokens = dispatcher.combine_preprocess(tokens * weights.unsqueeze(-1))
-                dispatcher.combine_postprocess(dispatcher.token_combine(tokens))
+                mh.weighted_round_trip(dispatcher, hidden, routing_map, probs)
         finally:
             CapacityAwareTokenDispatcher.set_real_token_count_tensor(None)
     real = (torch.arange(ROWS) < count) & ~padding

@@ -58,12 +58,7 @@ def _zero_token_worker(rank, world_size, counts):
             logits, probs, routing_map = _route(layer, hidden)
             # The round trip, through the dispatcher alone (Megatron's dispatcher tests).
             dispatcher.capture_router_logits(logits)
-            permuted, permuted_probs = dispatcher.dispatch_preprocess(hidden, routing_map, probs)
-            received, received_probs = dispatcher.token_dispatch(permuted, permuted_probs)
-            received, _, received_probs = dispatcher.dispatch_postprocess(received, received_probs)
-            weighted = received * received_probs.unsqueeze(-1).to(received.dtype)
-            round_trip = dispatcher.combine_postprocess(
-                dispatcher.token_combine(dispatcher.combine_preprocess(weighted)))
+            round_trip = mh.weighted_round_trip(dispatcher, hidden, routing_map, probs)
             # The layer's own stages with its experts (the EP-overlap schedule's callables).
             dispatcher.capture_router_logits(logits)
             tokens, weights = layer.preprocess(hidden, probs, routing_map)

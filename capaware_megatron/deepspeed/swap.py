@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..calibrate import ExpertShape, device_name, resolve_min_capacity
+from ..calibrate import ExpertShape, device_name, dtype_name, resolve_min_capacity
 from ..config import CapacityConfig
 from .config import DsConfig, parse_section
 from .gate import CapacityAwareGate
@@ -151,9 +151,8 @@ def _layer_capacity(site: _GateSite, capacity: CapacityConfig) -> CapacityConfig
         raise ValueError(
             f"DeepSpeed MoE layer {site.name!r}: min_capacity={capacity.min_capacity!r} needs the "
             "layer's expert shape (a torch.nn.Linear in its expert); give min_capacity as an int")
-    shape = ExpertShape(linear.in_features, linear.out_features, str(linear.weight.dtype).split(".")[-1],
-                        len(experts))
     try:
+        shape = ExpertShape(linear.in_features, linear.out_features, dtype_name(linear.weight.dtype), len(experts))
         return resolve_min_capacity(capacity, shape, device_name(linear.weight.device))
     except (LookupError, OSError, ValueError) as err:
         raise type(err)(f"DeepSpeed MoE layer {site.name!r}: {err}") from err

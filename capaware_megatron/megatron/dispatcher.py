@@ -27,8 +27,8 @@ binds it here too), and a forward with a padding mask hands it to the router. Ro
 count, or masked, take no capacity: the plan counts, caps and weighs only real tokens, on the
 device, and the shapes stay those of the padded batch.
 
-Floor. min_capacity "auto" or a calibration file's path is resolved once, when the dispatcher
-is built, to the knee measured for this layer's experts (hidden, FFN per expert-TP rank, dtype,
+Floor. min_capacity "auto" or a calibration file's path is resolved once, when the dispatcher's
+CapacityConfig is set (at build, or assigned later), to the knee measured for this layer's experts (hidden, FFN per expert-TP rank, dtype,
 local experts, gated) on this device (capaware_megatron.calibrate).
 """
 
@@ -44,7 +44,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..calibrate import ExpertShape, device_name, resolve_min_capacity
+from ..calibrate import ExpertShape, device_name, dtype_name, resolve_min_capacity
 from ..config import CapacityConfig
 from ..group import RoutingGroup
 from ..layout import ExpertLayout
@@ -77,7 +77,7 @@ def _layer_floor(cfg: CapacityConfig, config: TransformerConfig, num_local_exper
     """cfg with a calibrated min_capacity ("auto" / a file) resolved for this layer's experts."""
     if isinstance(cfg.min_capacity, int):
         return cfg
-    dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else str(config.params_dtype).split(".")[-1]
+    dtype = "bfloat16" if config.bf16 else "float16" if config.fp16 else dtype_name(config.params_dtype)
     shape = ExpertShape(config.hidden_size, config.moe_ffn_hidden_size // expert_tp, dtype,
                         num_local_experts, bool(config.gated_linear_unit))
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -116,8 +116,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         super().__init__(num_local_experts, local_expert_indices, config, pg_collection)
         # The layer's capaware type carries its CapacityConfig (MoELayer builds this dispatcher
         # while the config reads "alltoall").
-        self.capacity_config: CapacityConfig = _layer_floor(
-            capacity_config_of(config, dispatcher_type), config, num_local_experts, self.tp_size)
+        self.capacity_config = capacity_config_of(config, dispatcher_type)
         _check_graph_capture(config, self.capacity_config)
         if config.moe_router_score_function not in _SCORE_FUNCTIONS:
             raise ValueError(
@@ -141,6 +140,16 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         self._padded_rows: Optional[int] = None
         self.last_plan: Optional[RoutingPlan] = None
         self.plan_observers: list[PlanObserver] = []
+
+    @property
+    def capacity_config(self) -> CapacityConfig:
+        """The layer's CapacityConfig, its floor a number (a calibrated one resolved when set)."""
+        return self._capacity_config
+
+    @capacity_config.setter
+    def capacity_config(self, cfg: CapacityConfig) -> None:
+        self._capacity_config = _layer_floor(cfg, self.config, self.num_local_experts, self.tp_size)
+        self._decode_config = self._capacity_config.for_decode()  # once, not per decode step
 
     def capture_router_logits(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> None:
         """Called with the router's logits ([S, B, E] or [T, E]) before each dispatch, and the
@@ -191,7 +200,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         """The configuration of the step running now: decode's (decode_capacity_factor) when
         Megatron switched the layer to drop-and-pad for CUDA-graph decode; in an inference step
         of eager global scope, bounded by the engine's most tokens per step unless it has a bound."""
-        cfg = self.capacity_config.for_decode() if self.drop_and_pad else self.capacity_config
+        cfg = self._decode_config if self.drop_and_pad else self._capacity_config
         bound = type(self).inference_max_tokens
         if (cfg.scope == "global" and cfg.max_tokens_per_rank is None and bound is not None
                 and not self.drop_and_pad and InferenceMode.is_active()):

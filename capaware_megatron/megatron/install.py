@@ -7,8 +7,9 @@ MoEAlltoAllTokenDispatcher (everything else, shared-expert overlap included, is 
 hands the router's logits to the dispatcher. It also wraps the Megatron code that tests the
 string "alltoall" (TransformerConfig.__post_init__, TransformerLayer.__init__, the EP-overlap
 schedule's should_free_input) so that it treats "capaware" as the "alltoall" dispatcher it is,
-and DynamicInferenceContext.__init__ so that each context hands its step's real token count to
-the dispatcher (padding rows take no capacity).
+and DynamicInferenceContext.__init__ so that each context hands the dispatcher its step's real
+token count (padding rows take no capacity) and its most tokens per step (eager global scope's
+token bound).
 Every replaced symbol is recorded once and carries ``__wrapped__``; uninstall() restores them.
 Idempotent.
 """

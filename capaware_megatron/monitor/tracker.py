@@ -1,8 +1,8 @@
 """LoadTracker: accumulate plan statistics on device, reduce and report once per logging step.
 
 Per step every MoE layer adds one row of counts (loads per expert before and after the plan,
-dropped, rerouted and routed assignments, capacity and its floor) to a [layers, fields] tensor on the plan's
-device: no host sync. That tensor is persistent (a step copies it out and zeroes it in place), so
+dropped, rerouted and routed assignments, capacity and its floor) to a [layers, fields] tensor
+on the plan's device: no host sync. That tensor is persistent (a step copies it out and zeroes it in place), so
 the additions a CUDA graph captured keep landing in it on every replay, with no Python running.
 A logging step stacks the steps since the last one, sums them over the process group with one
 all_reduce, and turns them into statistics on the logging rank.

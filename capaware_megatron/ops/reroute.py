@@ -34,6 +34,7 @@ from .routing_plan import (
     candidate_items,
     group_top_keys,
     kth_largest,
+    kth_of_top,
     sort_small_ints,
     top_keys_per_bin,
 )
@@ -202,6 +203,6 @@ def _accepted_over_group(
         threshold = kth_largest(flat_keys, flat_bins, num_bins + 1, room_or_none, group)
     else:
         top = group_top_keys(top_keys_per_bin(flat_keys, flat_bins, num_bins + 1, slots)[:num_bins], group)
-        threshold = top.gather(1, (room - 1).clamp(0, slots - 1).unsqueeze(1)).squeeze(1)  # [B]
+        threshold = kth_of_top(top, room)  # [B]
         threshold = torch.cat([threshold, threshold.new_zeros(1)])
     return (keys >= threshold.take(bins)) & (room_or_none > 0).take(bins)

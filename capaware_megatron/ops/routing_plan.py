@@ -210,12 +210,11 @@ def group_top_keys(top: torch.Tensor, group: RoutingGroup) -> torch.Tensor:
 
 
 def kth_of_top(top: torch.Tensor, kth: Union[int, torch.Tensor]) -> torch.Tensor:
-    """top [B, S] each bin's largest keys, in any order (the Triton select writes them
-    unordered); kth an int or a 0-dim tensor that stays on the device (C) -> [B] each bin's
-    kth-largest key. A kth beyond S takes the S-th, so a threshold never admits more than S keys."""
-    top = torch.sort(top, dim=1, descending=True).values
+    """top [B, S] each bin's largest keys, descending; kth an int, or a 0-dim or [B] tensor that
+    stays on the device (C, a bin's room) -> [B] each bin's kth-largest key. A kth beyond S takes
+    the S-th, so a threshold never admits more than S keys; a kth below 1 takes the largest."""
     if isinstance(kth, torch.Tensor):
-        index = (kth - 1).clamp(0, top.shape[1] - 1).expand(top.shape[0], 1)
+        index = (kth - 1).clamp(0, top.shape[1] - 1).expand(top.shape[0]).unsqueeze(1)
         return top.gather(1, index).squeeze(1)
     return top[:, kth - 1]
 
