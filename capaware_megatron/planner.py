@@ -94,6 +94,7 @@ def plan_routing(
     validate: bool = True,
     capacity_fn: CapacityFn = expert_capacity,
     token_mask: Optional[torch.Tensor] = None,
+    eligible: Optional[torch.Tensor] = None,
 ) -> RoutingPlan:
     """Cap every expert's (or EP rank's) load and decide what is kept, dropped or moved.
 
@@ -123,6 +124,10 @@ def plan_routing(
             static and C's bound from the T rows sizes the thresholds. Real tokens keep their
             row index in the priority keys: with the padding after them (Megatron's), the plan
             of the real tokens is the plan of the same tokens unpadded.
+        eligible: [T, E] bool, the experts each token may be moved to (reroute) or compete for
+            (expanded) beyond its picks (None: all): a router's own limit on where a token's
+            experts may be, DeepSeek-V3's group-limited routing among them. Picks are always
+            eligible.
 
     Returns:
         RoutingPlan.
@@ -134,6 +139,10 @@ def plan_routing(
             "first (capaware_megatron.calibrate.resolve_min_capacity; the Megatron dispatcher "
             "and the DeepSpeed gate do so when they are built)")
     num_tokens, num_experts, topk = _check_inputs(scores, routing_map, probs, topk, validate)
+    if eligible is not None and (eligible.shape != scores.shape or eligible.dtype != torch.bool
+                                 or eligible.device != scores.device):
+        raise ValueError(f"eligible must be a [T, E] bool mask like scores ({tuple(scores.shape)} on "
+                         f"{scores.device}), got {tuple(eligible.shape)} {eligible.dtype} on {eligible.device}")
     if token_mask is not None:
         routing_map, probs = _without_padding(token_mask, routing_map, probs, scores)
     tokens_before = routing_map.sum(0, dtype=torch.int64)
@@ -183,7 +192,8 @@ def plan_routing(
         cfg, global_group, num_tokens, topk, bins, capacity_fn)
     candidates = routing_map
     if cfg.policy == "expanded":
-        candidates = routing_map | (local_mask if token_mask is None else local_mask & token_mask.unsqueeze(1))
+        others = local_mask if token_mask is None else local_mask & token_mask.unsqueeze(1)
+        candidates = routing_map | (others if eligible is None else others & eligible)
     ops = _ops_for(cfg.backend, scores)
     state, keep, weights = ops.collect_candidates(
         scores, candidates, routing_map, probs, cfg.priority, cfg.seed, token_offset,
@@ -214,7 +224,7 @@ def plan_routing(
             scores, routing_map, new_map, new_probs, tokens_after, bins, capacity,
             cfg.reroute_rounds, cfg.priority, topk, cfg.seed, token_offset, global_group, carried,
             picks=state if ops is torch_ops else None,  # the torch backend listed the picks already
-            capacity_slots=capacity_slots,
+            capacity_slots=capacity_slots, eligible=eligible,
         )
         new_map, new_probs, tokens_after = placed.routing_map, placed.weights, placed.tokens_per_expert
         num_rerouted = placed.num_rerouted

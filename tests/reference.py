@@ -89,11 +89,13 @@ def reference_plan(
     probs=None,
     training: bool = False,
     exact_reroute: bool = False,
+    eligible=None,
 ):
     """Returns (routing_map [T, E] bool, probs [T, E], capacity).
 
     Reroute: cfg.reroute_rounds rounds of proposals (the planner's semantics), or with
     exact_reroute the serial greedy (the yardstick the bounded rounds are measured against).
+    eligible: [T, E] bool, the experts a token may move to or compete for beyond its picks.
     """
     num_tokens, num_experts = scores.shape
     score = scores.float().tolist()
@@ -121,6 +123,10 @@ def reference_plan(
         local = [set(local_experts)] * num_tokens
     if cfg.policy != "expanded":
         local = [set()] * num_tokens
+    barred = [set() for _ in range(num_tokens)]
+    if eligible is not None:
+        barred = [set(torch.nonzero(~row).flatten().tolist()) - chosen[t] for t, row in enumerate(eligible)]
+        local = [local[t] - barred[t] for t in range(num_tokens)]
     candidates = [
         (t, e)
         for t in range(num_tokens)
@@ -140,7 +146,7 @@ def reference_plan(
     if cfg.policy == "reroute":
         room = [capacity - sum(1 for (_, e) in kept if bin_of[e] == b) for b in range(num_bins)]
         overflow = [a for a in candidates if a not in kept]
-        used = [set(c) for c in chosen]
+        used = [chosen[t] | barred[t] for t in range(num_tokens)]
         place = _serial_greedy if exact_reroute else _proposal_rounds
         rerouted = place(overflow, prio, score, used, room, bin_of, num_experts, cfg.reroute_rounds)
 

@@ -67,6 +67,7 @@ def reroute(
     carried: Optional[torch.Tensor] = None,
     picks: Optional[CandidateItems] = None,
     capacity_slots: Optional[int] = None,
+    eligible: Optional[torch.Tensor] = None,
 ) -> Rerouted:
     """Place the router assignments drop removed (routing_map & ~kept_map) in `rounds` rounds.
 
@@ -88,6 +89,7 @@ def reroute(
             CapacityConfig.max_tokens_per_rank): with a group, each round's thresholds come from
             one [B, slots] gather of top proposal keys; None (C on the device, unbounded): a
             radix select.
+        eligible: [T, E] bool, the experts a token may move to (None: all it does not use).
     """
     num_tokens, num_experts = scores.shape
     device = scores.device
@@ -112,7 +114,8 @@ def reroute(
     # not accepted.
     preference_bins = preference if bins.are_experts else expert_to_bin.take(preference)
     free = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
-    free[:, :num_experts] = ~routing_map.gather(1, preference)
+    unused = ~routing_map if eligible is None else eligible & ~routing_map
+    free[:, :num_experts] = unused.gather(1, preference)
     kept_per_bin = bins.per_bin(kept_per_expert)
     room = capacity - (group.all_gather(kept_per_bin).sum(0) if group is not None else kept_per_bin)
     room_before = room
