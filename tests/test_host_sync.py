@@ -94,12 +94,18 @@ def test_global_plan_has_no_host_sync(backend):
         assert not torch.equal(whole.routing_map, routing_map), "the cap must bind"
 
 
-def _dispatcher_plan_syncs(rank, world_size, policy, scope, bound):
+# DeepSeek-V3's router: sigmoid, an expert bias that only picks, group-limited top-k, scaling.
+DEEPSEEK_ROUTER = dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                       moe_router_num_groups=4, moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5)
+
+
+def _dispatcher_plan_syncs(rank, world_size, policy, scope, bound, router=None):
     import megatron_harness as mh
 
     mh.setup(mh.Layout(ep=2, world_size=2))
     layer = mh.moe_layer(mh.Layout(ep=2, world_size=2), "capaware",
-                         CapacityConfig(1.0, policy=policy, scope=scope, max_tokens_per_rank=bound)).eval()
+                         CapacityConfig(1.0, policy=policy, scope=scope, max_tokens_per_rank=bound),
+                         **(router or {})).eval()
     hidden = mh.local_input(64 - 16 * rank, seed=rank, requires_grad=False)  # eager: uneven
     with torch.no_grad():
         probs, routing_map = layer.router(hidden)
@@ -118,6 +124,15 @@ def test_megatron_dispatcher_plan_step_has_no_host_sync(policy, scope, bound):
     """Eager global scope too, with and without a token bound (max_tokens_per_rank)."""
     pytest.importorskip("megatron.core")
     results = run_gloo(_dispatcher_plan_syncs, 2, policy, scope, bound)
+    assert [syncs for syncs, _ in results] == [[], []]
+    assert sum(moved for _, moved in results) > 0
+
+
+@pytest.mark.parametrize("policy", ["reroute", "expanded"])
+def test_group_limited_router_plan_step_has_no_host_sync(policy):
+    """The alternatives' weights (the router's per-token factor) and its group limit."""
+    pytest.importorskip("megatron.core")
+    results = run_gloo(_dispatcher_plan_syncs, 2, policy, "local", None, DEEPSEEK_ROUTER)
     assert [syncs for syncs, _ in results] == [[], []]
     assert sum(moved for _, moved in results) > 0
 

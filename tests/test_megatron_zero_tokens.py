@@ -82,7 +82,10 @@ def _dense_moe(hidden, weights):
 
 def _reference_weights(per_rank, cfg, num_experts, world_size):
     """[sum T, E] the planned weights of every rank's tokens, in rank order."""
-    scores = [torch.where(r["routing_map"], r["probs"], torch.softmax(r["logits"], -1)) for r in per_rank]
+    # Megatron's softmax top-k weighs a pick exp(l) / sum over the picks of exp(l); an expert the
+    # router did not pick is ranked as it would have weighed it, the same expression.
+    scores = [torch.where(r["routing_map"], r["probs"], torch.exp(r["logits"] - torch.logsumexp(
+        r["logits"].masked_fill(~r["routing_map"], float("-inf")), -1, keepdim=True))) for r in per_rank]
     owner = torch.cat([torch.full((r["hidden"].shape[0],), rank) for rank, r in enumerate(per_rank)])
     expert_to_rank = torch.arange(num_experts) // (num_experts // world_size)
     local = expert_to_rank.unsqueeze(0) == owner.unsqueeze(1)  # [T, E]: each token's own rank

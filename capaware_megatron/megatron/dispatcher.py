@@ -9,7 +9,10 @@ experts a token did not pick. The MoE layer hands the router's logits to the dis
 (capture_router_logits, wired by install()); full scores are the router's score function over all
 experts. Assignments the router made are ranked by its own combine weights, exactly as
 Megatron-Core's moe_token_drop_policy="probs" ranks them, so scope local with policy drop equals
-its capacity drop; other candidates are ranked by their full score.
+its capacity drop; other candidates are ranked, and weighed when placed, by their score as the
+router would have weighed it: the bias-free score (an expert bias only picks, as in DeepSeek-V3)
+times the token's factor from score to weight (renormalisation over the picks, the top-k
+scaling factor). With group-limited routing a token is moved only within the groups of its picks.
 
 CUDA-graph decode. Megatron's inference controller switches every MoE layer to drop-and-pad
 for CUDA-graph steps (``megatron.core.inference.utils.set_decode_expert_padding`` with capacity
@@ -58,6 +61,9 @@ _SCORE_FUNCTIONS = {
     "sigmoid": lambda logits: torch.sigmoid(logits.float()),
     "sqrtsoftplus": lambda logits: torch.sqrt(torch.nn.functional.softplus(logits.float())),
 }
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_graph_capture(config: TransformerConfig, cfg: CapacityConfig) -> None:
@@ -184,8 +190,24 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
         full = _SCORE_FUNCTIONS[self.config.moe_router_score_function](
             logits.reshape(-1, self.num_experts)
         )
+        # The router's weights are its bias-free scores times one factor per token (1 / their
+        # sum over the picks where it renormalises, times moe_router_topk_scaling_factor):
+        # experts it did not pick are weighed, and ranked, as it would have weighed them.
+        picked = probs.float().where(routing_map, 0).sum(-1, keepdim=True)
+        factor = picked / full.where(routing_map, 0).sum(-1, keepdim=True).clamp_min(_TINY)
         # Router picks are ranked by its own combine weights (Megatron's "probs" drop order).
-        return torch.where(routing_map, probs.float(), full)
+        return torch.where(routing_map, probs.float(), full * factor)
+
+    def _eligible(self, routing_map: torch.Tensor) -> Optional[torch.Tensor]:
+        """[T, E] bool, the experts a token may be moved to or compete for: with group-limited
+        routing (moe_router_num_groups) only the groups holding one of its picks, so that no
+        token reaches more groups (devices, nodes) than the router allows; None: all."""
+        groups = self.config.moe_router_num_groups
+        if not groups or self.capacity_config.policy not in ("reroute", "expanded"):
+            return None
+        num_tokens = routing_map.shape[0]
+        in_group = routing_map.view(num_tokens, groups, -1).any(-1, keepdim=True)
+        return in_group.expand(-1, -1, self.num_experts // groups).reshape(num_tokens, -1)
 
     def _group(self) -> Optional[RoutingGroup]:
         if self.capacity_config.scope != "global":
@@ -236,6 +258,7 @@ class CapacityAwareTokenDispatcher(MoEAlltoAllTokenDispatcher):
             training=self.training,
             validate=False,
             token_mask=token_mask,
+            eligible=self._eligible(routing_map),
         )
         self.last_plan = plan
         for observer in self.plan_observers:
