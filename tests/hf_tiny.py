@@ -19,6 +19,8 @@ def _configs():
     return {
         "mixtral": tf.MixtralConfig(**COMMON, intermediate_size=24, num_key_value_heads=2,
                                     num_local_experts=EXPERTS, num_experts_per_tok=2),
+        "olmoe": tf.OlmoeConfig(**COMMON, intermediate_size=24, num_key_value_heads=2,
+                                num_experts=EXPERTS, num_experts_per_tok=2),
         "qwen3_moe": tf.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24,
                                        num_key_value_heads=2, head_dim=8, num_experts=EXPERTS,
                                        num_experts_per_tok=2, norm_topk_prob=True),
@@ -34,11 +36,11 @@ def _configs():
     }
 
 
-ARCHITECTURES = ("mixtral", "qwen3_moe", "deepseek_v3")
+ARCHITECTURES = ("mixtral", "olmoe", "qwen3_moe", "deepseek_v3")
 
 
 def make_checkpoint(name: str, path: str, seed: int = 0, **config_overrides) -> str:
-    """Save a tiny random `name` model ("mixtral", "qwen3_moe", "deepseek_v3") under `path`."""
+    """Save a tiny random `name` model (one of ARCHITECTURES) under `path`."""
     import transformers
 
     config = _configs()[name]
@@ -66,14 +68,15 @@ def hf_logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
 def as_router_weighs(name: str, hf_config, logits: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
     """[T, E] each expert's weight as the HF gate would weigh it had it picked it, from the gate's
     own code: Mixtral and Qwen3-MoE (norm_topk_prob) renormalise the softmax over the picks,
-    DeepSeek-V3 the bias-free sigmoid, times routed_scaling_factor."""
+    OLMoE (no norm_topk_prob) takes it as it is, DeepSeek-V3 renormalises the bias-free sigmoid,
+    times routed_scaling_factor."""
     logits = logits.float()
     if name == "deepseek_v3":
         scores = logits.sigmoid()
         picked = (scores * routing_map).sum(-1, keepdim=True) + 1e-20
         return scores / picked * hf_config.routed_scaling_factor
     probs = torch.softmax(logits, -1)
-    if name == "qwen3_moe" and not hf_config.norm_topk_prob:
+    if name in ("olmoe", "qwen3_moe") and not hf_config.norm_topk_prob:
         return probs
     return probs / (probs * routing_map).sum(-1, keepdim=True)
 

@@ -66,10 +66,22 @@ def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     path = _checkpoint(tmp_path, "mixtral")
     with open(os.path.join(path, "config.json")) as handle:
         config = json.load(handle)
-    config["architectures"] = ["OlmoeForCausalLM"]
-    config["model_type"] = "olmoe"
+    config["architectures"] = ["PhimoeForCausalLM"]
+    config["model_type"] = "phimoe"
     with open(os.path.join(path, "config.json"), "w") as handle:
         json.dump(config, handle)
-    with pytest.raises(CheckpointError, match="'OlmoeForCausalLM' is not supported; supported: "
-                                              "MixtralForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM"):
+    with pytest.raises(CheckpointError, match="'PhimoeForCausalLM' is not supported; supported: "
+                                              "MixtralForCausalLM, OlmoeForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM"):
         inspect_checkpoint(path)
+
+
+def test_olmoe_refuses_tensor_parallelism_before_building(tmp_path, monkeypatch):
+    pytest.importorskip("megatron.core")
+    from megatron.core import parallel_state
+
+    from capaware_megatron.hf import build_model
+
+    checkpoint = inspect_checkpoint(_checkpoint(tmp_path, "olmoe"))
+    monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
+    with pytest.raises(CheckpointError, match="OlmoeForCausalLM: its q_norm and k_norm span all attention heads"):
+        build_model(checkpoint)

@@ -1,4 +1,4 @@
-"""Hugging Face MoE checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V3) in Megatron-Core with capaware.
+"""Hugging Face MoE checkpoints (Mixtral, OLMoE, Qwen3-MoE, DeepSeek-V3) in Megatron-Core with capaware.
 
 Tiny random-weight models made from transformers configs (tests/hf_tiny.py), saved as HF
 checkpoints, converted by ModelOpt's importer (capaware_megatron.hf), run at EP1 and EP2 (gloo,

@@ -1,4 +1,4 @@
-"""Hugging Face MoE checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V3) in Megatron-Core, capaware.
+"""Hugging Face MoE checkpoints (Mixtral, OLMoE, Qwen3-MoE, DeepSeek-V3) in Megatron-Core, capaware.
 
     from capaware_megatron.hf import inspect_checkpoint, build_model
     checkpoint = inspect_checkpoint("/path/to/hf/model")     # config only, no weights read

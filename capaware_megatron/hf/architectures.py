@@ -7,10 +7,13 @@ one (Qwen3-MoE, DeepSeek-V2/V3). Mixtral has none there; its table is written in
 primitives and follows the HF names of Megatron-LM's ``tools/checkpoint/loader_mixtral_hf.py``
 (w1 gate, w3 up, w2 down, block_sparse_moe.gate router).
 
+OLMoE's tensors carry Qwen3-MoE's HF names (q_norm, k_norm, mlp.gate, experts.N.gate_proj/
+up_proj/down_proj), so ModelOpt's Qwen3-MoE rules import it; its q_norm and k_norm span all heads.
+
 Routers, as Megatron-Core's ``topk_routing_with_score_function`` reproduces each HF gate:
-- Mixtral, Qwen3-MoE (norm_topk_prob): softmax over the top-k logits = softmax, top-k,
-  renormalised (``moe_router_pre_softmax=False``); Qwen3-MoE without renormalisation: softmax
-  over all experts, then top-k (``pre_softmax=True``).
+- Mixtral, Qwen3-MoE / OLMoE with norm_topk_prob: softmax over the top-k logits = softmax,
+  top-k, renormalised (``moe_router_pre_softmax=False``); without renormalisation (OLMoE's
+  default): softmax over all experts, then top-k (``pre_softmax=True``).
 - DeepSeek-V3: sigmoid scores; experts picked on scores + e_score_correction_bias
   (``moe_router_enable_expert_bias``), within the top ``topk_group`` of ``n_group`` groups ranked by
   the sum of their two best biased scores (Megatron ranks groups by their top k / group_topk,
@@ -109,6 +112,18 @@ def _qwen3_moe(hf: Any) -> Dict[str, Any]:
     )
 
 
+def _olmoe(hf: Any) -> Dict[str, Any]:
+    _require(hf, "clip_qkv", lambda v: v is None, "clipping of q, k and v is not converted")
+    return dict(
+        _common_fields(hf),
+        qk_layernorm=True,  # over all heads at once (Architecture.full_width_qk_norm)
+        num_moe_experts=hf.num_experts,
+        moe_ffn_hidden_size=hf.intermediate_size,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not hf.norm_topk_prob,
+    )
+
+
 def _deepseek_v3(hf: Any) -> Dict[str, Any]:
     _require(hf, "norm_topk_prob", bool, "Megatron-Core's sigmoid router renormalises its top-k")
     _require(hf, "rope_interleave", lambda v: v is None or bool(v),
@@ -199,12 +214,17 @@ class Architecture:
     """HF config -> TransformerConfig / MLATransformerConfig fields (raises CheckpointError)."""
     import_rules: Callable[[], dict]
     """ModelOpt's import mapping (module role -> CustomModuleMapping) for this architecture."""
+    full_width_qk_norm: bool = False
+    """OLMoE: q_norm and k_norm are RMSNorms over all heads' projections at once (Megatron-Core's
+    qk_layernorm normalises each head)."""
 
 
 ARCHITECTURES: Dict[str, Architecture] = {
     arch.name: arch
     for arch in (
         Architecture("MixtralForCausalLM", _mixtral, _mixtral_rules),
+        Architecture("OlmoeForCausalLM", _olmoe, _modelopt_rules("Qwen3MoeForCausalLM"),
+                     full_width_qk_norm=True),  # OLMoE's HF names are Qwen3-MoE's
         Architecture("Qwen3MoeForCausalLM", _qwen3_moe, _modelopt_rules("Qwen3MoeForCausalLM")),
         Architecture("DeepseekV3ForCausalLM", _deepseek_v3, _modelopt_rules("DeepseekV3ForCausalLM")),
     )

@@ -16,6 +16,7 @@ import torch
 
 from ..config import CapacityConfig
 from .checkpoint import Checkpoint
+from .errors import CheckpointError
 
 
 def transformer_config(checkpoint: Checkpoint, dispatcher: str = "capaware",
@@ -50,9 +51,10 @@ def transformer_config(checkpoint: Checkpoint, dispatcher: str = "capaware",
     return config
 
 
-def _layer_spec(config):
+def _layer_spec(config, checkpoint: Checkpoint):
     """Megatron-Core's local block spec (moe_layer_freq's dense and MoE layers, MLA), its MLA
-    layers' core attention the local one that takes MLA's head sizes."""
+    layers' core attention the local one that takes MLA's head sizes, OLMoE's QK norms over
+    all heads."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
@@ -61,7 +63,28 @@ def _layer_spec(config):
         attention = layer.submodules.self_attention
         if attention.module is MLASelfAttention:
             attention.submodules.core_attention = _mla_core_attention()
+        elif checkpoint.architecture.full_width_qk_norm:
+            attention.submodules.q_layernorm = _full_width_rms_norm("num_attention_heads")
+            attention.submodules.k_layernorm = _full_width_rms_norm("num_query_groups")
     return spec
+
+
+def _full_width_rms_norm(heads_field: str):
+    """An RMSNorm over all heads of q (or k) at once, as OLMoE's q_norm and k_norm: Megatron-Core
+    builds a QK norm with one head's width and applies it to [s, b, heads, head_dim]."""
+
+    class FullWidthRMSNorm(torch.nn.Module):
+        def __init__(self, hidden_size: int, config, eps: float = 1e-5):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size * getattr(config, heads_field)))
+            self.eps = eps
+
+        def forward(self, heads: torch.Tensor) -> torch.Tensor:
+            flat = heads.reshape(*heads.shape[:-2], -1)
+            normed = torch.nn.functional.rms_norm(flat.float(), flat.shape[-1:], eps=self.eps)
+            return (self.weight * normed.to(flat.dtype)).view_as(heads)
+
+    return FullWidthRMSNorm
 
 
 def _mla_core_attention():
@@ -111,10 +134,14 @@ def build_model(checkpoint: Checkpoint, capacity: Optional[CapacityConfig] = Non
     from ..megatron import install
 
     install()
+    if checkpoint.architecture.full_width_qk_norm and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        raise CheckpointError(
+            f"{checkpoint.architecture.name}: its q_norm and k_norm span all attention heads, "
+            "which tensor parallelism would split over ranks; run it with TP 1")
     config = transformer_config(checkpoint, dispatcher, capacity, dtype, **overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config),
+        transformer_layer_spec=_layer_spec(config, checkpoint),
         vocab_size=checkpoint.vocab_size,
         max_sequence_length=checkpoint.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
