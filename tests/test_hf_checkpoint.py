@@ -80,8 +80,10 @@ def test_olmoe_refuses_tensor_parallelism_before_building(tmp_path, monkeypatch)
     from megatron.core import parallel_state
 
     from capaware_megatron.hf import build_model
+    from capaware_megatron.megatron import is_installed
 
     checkpoint = inspect_checkpoint(_checkpoint(tmp_path, "olmoe"))
     monkeypatch.setattr(parallel_state, "get_tensor_model_parallel_world_size", lambda: 2)
     with pytest.raises(CheckpointError, match="OlmoeForCausalLM: its q_norm and k_norm span all attention heads"):
         build_model(checkpoint)
+    assert not is_installed(), "a refused build leaves Megatron as it was"

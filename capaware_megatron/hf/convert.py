@@ -133,11 +133,11 @@ def build_model(checkpoint: Checkpoint, capacity: Optional[CapacityConfig] = Non
 
     from ..megatron import install
 
-    install()
     if checkpoint.architecture.full_width_qk_norm and parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise CheckpointError(
             f"{checkpoint.architecture.name}: its q_norm and k_norm span all attention heads, "
             "which tensor parallelism would split over ranks; run it with TP 1")
+    install()
     config = transformer_config(checkpoint, dispatcher, capacity, dtype, **overrides)
     model = GPTModel(
         config=config,
