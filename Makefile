@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	# megatron-core 0.19.2 declares Python>=3.12 but its cp311 wheel runs on 3.11.
 	$(PY) -m pip install -q -c constraints-cpu.txt --no-deps --ignore-requires-python megatron-core
 	$(PY) -m pip install -q -c constraints-cpu.txt numpy "packaging>=24.2"
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints-cpu.txt -e ".[deepspeed,triton,wandb,figures,hf,dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c constraints-cpu.txt -e ".[deepspeed,triton,wandb,figures,hf,lm-eval,dev]"
 	touch $(STAMP)
 
 test: setup

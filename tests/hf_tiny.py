@@ -6,6 +6,8 @@ the logits: a wrong expert, weight or routing decision shows in the outputs.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 VOCAB, EXPERTS, SEQ = 96, 8, 64
@@ -88,11 +90,12 @@ def group_mask(hf_config, routing_map: torch.Tensor) -> torch.Tensor:
     return in_group.repeat_interleave(routing_map.shape[1] // groups, dim=1)
 
 
-def capped_reference(name: str, model, cfg, local_experts) -> None:
+def capped_reference(name: str, model, cfg, local_experts, real_tokens=None) -> None:
     """Replace every sparse MoE block's forward of the HF `model` by a dense capacity-aware one:
     the HF gate's own picks and weights, the loop reference planner (tests/reference.py), every
     expert applied with its planned weight through the HF experts module, shared experts
-    (DeepSeek-V3) added for every token, uncapped."""
+    (DeepSeek-V3) added for every token, uncapped. `real_tokens` [B, S] bool: only those are
+    planned (padding takes no capacity; its rows get no routed output)."""
     from reference import reference_plan
 
     hf_config = model.config
@@ -103,17 +106,86 @@ def capped_reference(name: str, model, cfg, local_experts) -> None:
 
         def forward(hidden, block=block):
             flat = hidden.reshape(-1, hidden.shape[-1])
-            logits, weights, indices = block.gate(flat)
+            keep = (torch.ones(flat.shape[0], dtype=torch.bool) if real_tokens is None
+                    else real_tokens.reshape(-1))
+            logits, weights, indices = block.gate(flat[keep])
             routing_map = torch.zeros(logits.shape, dtype=torch.bool).scatter(1, indices, True)
             probs = torch.zeros(logits.shape).scatter(1, indices, weights.float())
             scores = torch.where(routing_map, probs, as_router_weighs(name, hf_config, logits, routing_map))
             eligible = group_mask(hf_config, routing_map) if name == "deepseek_v3" else None
             new_map, new_probs, _ = reference_plan(
                 scores, routing_map, cfg, local_experts=local_experts, probs=probs, eligible=eligible)
-            every = torch.arange(logits.shape[1]).expand(flat.shape[0], -1)
-            out = block.experts(flat, every, new_probs.to(flat.dtype)).view_as(hidden)
+            every = torch.arange(logits.shape[1]).expand(logits.shape[0], -1)
+            routed = torch.zeros_like(flat)
+            routed[keep] = block.experts(flat[keep], every, new_probs.to(flat.dtype))
+            out = routed.view_as(hidden)
             if getattr(block, "shared_experts", None) is not None:
                 out = out + block.shared_experts(hidden)
             return out
 
         block.forward = forward
+
+
+def save_char_tokenizer(path: str) -> None:
+    """A character-level tokenizer of the VOCAB - 1 printable ASCII characters (any whitespace
+    reads as a space) and <unk>, saved as a transformers fast tokenizer under `path`."""
+    import tokenizers
+    import transformers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {chr(32 + i): i for i in range(VOCAB - 1)}
+    vocab["<unk>"] = VOCAB - 1
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Replace(Regex(r"\s"), " ")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<unk>").save_pretrained(path)
+
+
+# lm-eval requests and tasks of the tests (character-level tokens).
+# (context, continuation): distinct lengths, so the batching order (longest first) is known.
+PAIRS = [("The cat sat on", " the mat"), ("Down, down,", " down"), ("Alice", " was"),
+         ("Oh dear! I shall", " be late!"), ("a b", " c d e f"), ("Curiouser and", " curiouser")]
+LONG_TEXTS = ["So she was considering in her own mind, as well as she could, whether the pleasure",
+              "It was all very well to say drink me."]
+GEN_CONTEXTS = ["Alice was beginning to", "There was"]  # the first longer than a prompt may be (test_lm_eval)
+UNTIL = [" ", "."]
+GEN_TOKENS = 8
+
+
+class CharTokenizer:
+    """Megatron's tokenizer interface (tokenize, detokenize, eod) over the HF tokenizer."""
+
+    def __init__(self, path):
+        import transformers
+
+        self._hf = transformers.AutoTokenizer.from_pretrained(path)
+        self.eod = self._hf.eos_token_id
+
+    def tokenize(self, text):
+        return self._hf(text)["input_ids"]
+
+    def detokenize(self, ids):
+        return self._hf.decode(ids)
+
+
+def write_lm_eval_tasks(root) -> str:
+    """Two lm-eval tasks on local JSON files under `root` (a pathlib.Path): tiny_choice (multiple
+    choice over PAIRS) and tiny_gen (generation from GEN_CONTEXTS until UNTIL); returns the folder."""
+    choice = [{"question": context, "choices": [cont, " xyz", " qq"], "answer": 0} for context, cont in PAIRS]
+    gen = [{"prompt": context, "target": "x"} for context in GEN_CONTEXTS]
+    for name, rows in (("choice", choice), ("gen", gen)):
+        with open(root / f"{name}.jsonl", "w") as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    (root / "tiny_choice.yaml").write_text(
+        f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/choice.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n")
+    (root / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root}/gen.jsonl\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+        f"generation_kwargs:\n  until: {json.dumps(UNTIL)}\n  max_gen_toks: {GEN_TOKENS}\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return str(root)

@@ -7,7 +7,8 @@ import sys
 
 BLOCKED = """
 import sys
-for name in ("megatron", "deepspeed", "wandb", "triton", "tensorboard", "matplotlib", "tqdm"):
+for name in ("megatron", "deepspeed", "wandb", "triton", "tensorboard", "matplotlib", "tqdm",
+             "transformers", "modelopt", "lm_eval"):
     sys.modules[name] = None  # as if not installed
 """
 
@@ -22,7 +23,7 @@ def test_core_and_plugin_packages_import_with_torch_alone():
     out = _run("""
 import torch
 import capaware_megatron, capaware_megatron.megatron, capaware_megatron.deepspeed, capaware_megatron.monitor
-import capaware_megatron.figures, capaware_megatron.quiet
+import capaware_megatron.figures, capaware_megatron.quiet, capaware_megatron.hf, capaware_megatron.lm_eval
 from capaware_megatron import CapacityConfig, plan_routing
 from capaware_megatron.synthetic import skewed_routing
 scores, routing_map = skewed_routing(64, 8, 2, skew=2.0)
@@ -38,6 +39,8 @@ def test_missing_frameworks_name_their_extra():
 import capaware_megatron.deepspeed as ds
 import capaware_megatron.megatron as mg
 import capaware_megatron.figures as figures
+import capaware_megatron.hf as hf
+import capaware_megatron.lm_eval as lm_eval
 from capaware_megatron import CapacityConfig, plan_routing
 from capaware_megatron.synthetic import skewed_routing
 for what, call in [
@@ -45,6 +48,8 @@ for what, call in [
     ("megatron", mg.install),
     ("triton", lambda: plan_routing(*skewed_routing(8, 4, 2), CapacityConfig(1.0, backend="triton"))),
     ("matplotlib", lambda: figures.load_heatmap([[1.0]], [[1.0]])),
+    ("transformers", lambda: hf.inspect_checkpoint(".")),
+    ("lm_eval", lambda: lm_eval.MegatronLM),
 ]:
     try:
         call()
@@ -55,3 +60,5 @@ for what, call in [
     assert "capaware_megatron[megatron]" in out.stdout
     assert "capaware_megatron[triton]" in out.stdout
     assert "matplotlib -> " in out.stdout and "capaware_megatron[figures]" in out.stdout
+    assert "transformers -> " in out.stdout and "capaware_megatron[hf]" in out.stdout
+    assert "lm_eval -> " in out.stdout and "capaware_megatron[lm-eval]" in out.stdout

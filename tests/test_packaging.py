@@ -25,12 +25,13 @@ def test_wheel_holds_the_package_and_the_kernels_and_no_tests(tmp_path):
     packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert packages == {"capaware_megatron"}, packages  # no top-level kernels/ or tests/
     for module in ("planner.py", "kernels/routing_plan.py", "kernels/permute.py", "ops/reroute.py",
-                   "figures/plots.py", "megatron/dispatcher.py", "deepspeed/gate.py", "monitor/sinks.py"):
+                   "figures/plots.py", "megatron/dispatcher.py", "deepspeed/gate.py", "monitor/sinks.py",
+                   "hf/convert.py", "hf/evaluation.py", "lm_eval/adapter.py"):
         assert f"capaware_megatron/{module}" in names, module
     assert not any("/tests/" in name or name.startswith("tests/") for name in names)
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA"))).decode()
     assert re.search(rf"^Version: {re.escape(capaware_megatron.__version__)}$", metadata, re.M)
-    for extra in ("megatron", "deepspeed", "triton", "wandb", "figures", "dev", "all"):
+    for extra in ("megatron", "deepspeed", "triton", "wandb", "figures", "hf", "lm-eval", "dev", "all"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "Requires-Dist: torch\n" in metadata  # unpinned: users bring their own build
 

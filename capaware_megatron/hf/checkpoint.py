@@ -41,9 +41,10 @@ def _weight_files(path: str) -> list:
                   if name.endswith(".safetensors") or name == "model.safetensors.index.json")
 
 
-def inspect_checkpoint(path: str) -> Checkpoint:
-    """Read and check `path`'s config.json (architecture, router, attention) and that safetensors
-    weights are there. Raises CheckpointError naming what is wrong; reads no weight."""
+def inspect_checkpoint(path: str, require_weights: bool = True) -> Checkpoint:
+    """Read and check `path`'s config.json (architecture, router, attention) and, unless the
+    weights come from elsewhere (a Megatron checkpoint), that safetensors weights are there.
+    Raises CheckpointError naming what is wrong; reads no weight."""
     from . import require_hf
 
     require_hf()
@@ -53,7 +54,7 @@ def inspect_checkpoint(path: str) -> Checkpoint:
         raise CheckpointError(f"--hf-path {path!r} is not a directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CheckpointError(f"--hf-path {path!r} is not a Hugging Face checkpoint: no config.json")
-    if not _weight_files(path):
+    if require_weights and not _weight_files(path):
         found = ", ".join(sorted(os.listdir(path))) or "nothing"
         raise CheckpointError(
             f"--hf-path {path!r} has no safetensors weights (*.safetensors), found: {found}; "

@@ -22,8 +22,9 @@ from .errors import CheckpointError
 def transformer_config(checkpoint: Checkpoint, dispatcher: str = "capaware",
                        capacity: Optional[CapacityConfig] = None,
                        dtype: torch.dtype = torch.float32, **overrides: Any):
-    """The (MLA)TransformerConfig of `checkpoint` for this process's parallel state; the capaware
-    dispatcher's CapacityConfig attached when given."""
+    """The (MLA)TransformerConfig of `checkpoint` for this process's parallel state (sequence
+    parallelism with TP unless `overrides` say otherwise); the capaware dispatcher's
+    CapacityConfig attached when given."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -42,8 +43,8 @@ def transformer_config(checkpoint: Checkpoint, dispatcher: str = "capaware",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        **overrides,
     )
+    fields.update(overrides)
     config_class = MLATransformerConfig if fields.get("multi_latent_attention") else TransformerConfig
     config = config_class(**fields)
     if capacity is not None:
@@ -125,9 +126,10 @@ class _Importer:
 
 def build_model(checkpoint: Checkpoint, capacity: Optional[CapacityConfig] = None,
                 dispatcher: str = "capaware", dtype: torch.dtype = torch.float32,
-                **overrides: Any):
+                import_weights: bool = True, **overrides: Any):
     """The GPTModel of `checkpoint` for this rank (its pipeline stage, TP / EP shards), weights
-    imported, in eval mode. `dispatcher` "capaware" (with `capacity`) or a stock one ("alltoall")."""
+    imported (unless `import_weights` is False: a Megatron checkpoint is loaded into it next), in
+    eval mode. `dispatcher` "capaware" (with `capacity`) or a stock one ("alltoall")."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -150,6 +152,7 @@ def build_model(checkpoint: Checkpoint, capacity: Optional[CapacityConfig] = Non
         position_embedding_type="rope",
         rotary_base=checkpoint.rotary_base,
     )
-    with torch.no_grad():
-        _Importer(checkpoint).run(model, dtype)
+    if import_weights:
+        with torch.no_grad():
+            _Importer(checkpoint).run(model, dtype)
     return model.eval()

@@ -216,6 +216,11 @@ def apply_training_loop() -> None:
     initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
     for module in (initialize, training, megatron.training):  # inference scripts import it too
         module.initialize_megatron = initialize_megatron
+    # Argument validation under TP or CP reads the CUDA device's architecture (for performance
+    # notes about CUDA connection settings): no device, no architecture.
+    from megatron.training import arguments
+
+    arguments.get_device_arch_version = lambda: 0
     # Model-parallel groups are only built when a device is counted.
     initialize._initialize_distributed = _counting_one_device(initialize._initialize_distributed)
     # The wheel ships the dataset helpers built and no Makefile to rebuild them.

@@ -1,0 +1,109 @@
+"""Capacity-aware evaluation of a Megatron-Core GPTModel: held-out perplexity and greedy generation.
+
+One model serves every run of a sweep: `set_capacity` switches its capaware layers' CapacityConfig
+between runs, so dropless and capped runs share weights, data and shards. Every rank of an
+expert-parallel group runs the same number of forwards (EP's all-to-alls pair them up); tensor-
+parallel ranks see the same tokens; data-parallel ranks see different windows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..config import CapacityConfig
+
+
+def set_capacity(model: Any, cfg: CapacityConfig) -> int:
+    """Give every capaware MoE layer of `model` (a module or a list of chunks) `cfg`; returns
+    how many layers took it."""
+    from ..megatron.monitoring import _capaware_layers
+
+    count = 0
+    for _, dispatcher in _capaware_layers(model):
+        dispatcher.capacity_config = cfg
+        count += 1
+    return count
+
+
+def token_windows(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """[W, length + 1] non-overlapping windows of a [N] token stream: a window's first `length`
+    tokens are the inputs, its last `length` the next-token labels; a shorter tail is left out."""
+    if length < 1:
+        raise ValueError(f"window length must be >= 1, got {length}")
+    count = (ids.numel() - 1) // length
+    if count < 1:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {length + 1}")
+    starts = torch.arange(count) * length
+    return ids[starts[:, None] + torch.arange(length + 1)]
+
+
+def data_parallel_share(windows: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This data-parallel rank's windows, the same count on every rank (a remainder is left out:
+    every rank of an expert-parallel group must run the same forwards)."""
+    per_rank = windows.shape[0] // size
+    if per_rank < 1:
+        raise ValueError(
+            f"{windows.shape[0]} windows for {size} data-parallel ranks: give a longer text or a "
+            "shorter --seq-length")
+    return windows[rank : per_rank * size : size]
+
+
+def causal_mask(length: int, device: Any = None) -> torch.Tensor:
+    """[1, 1, S, S] Megatron's attention mask: True where a query may not look."""
+    return torch.ones(1, 1, length, length, dtype=torch.bool, device=device).tril().logical_not()
+
+
+def sum_nll(model: Any, windows: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """[2] float64 (summed next-token negative log-likelihood, token count) of `windows`
+    [W, S + 1], `micro_batch_size` windows per forward. Megatron's own loss (vocab-parallel cross
+    entropy under TP)."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    length = windows.shape[1] - 1
+    mask = causal_mask(length, device)
+    positions = torch.arange(length, device=device)
+    with torch.no_grad():
+        for batch in windows.to(device).split(micro_batch_size):
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            loss = model(inputs, positions.expand_as(inputs), mask, labels=labels)
+            total[0] += loss.double().sum()
+            total[1] += loss.numel()
+    return total
+
+
+def greedy_tokens(model: Any, prompts: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
+    """Yield the [B] next greedy tokens of [B, P] prompts, up to `max_tokens` times, with
+    Megatron's static KV cache: one prefill forward of the prompts, then one decode forward of B
+    tokens per new token (the small-T steps where a capacity bites hardest). Every rank of the
+    world must run the same prompts: the tokens are global rank 0's, so that all ranks stop
+    together even where their logits differ in the last bit."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.inference.utils import InferenceMode
+
+    device = next(model.parameters()).device
+    tokens = prompts.to(device)
+    batch, length = tokens.shape
+    context = StaticInferenceContext(batch, length + max_tokens)
+    distributed = dist.is_available() and dist.is_initialized()
+    with torch.no_grad(), InferenceMode.active():
+        for step in range(max_tokens):
+            inputs = tokens if step == 0 else tokens[:, -1:]
+            start = tokens.shape[1] - inputs.shape[1]
+            positions = torch.arange(start, tokens.shape[1], device=device).expand(batch, -1)
+            mask = causal_mask(length, device) if step == 0 else None
+            logits = model(inputs, positions, mask, inference_context=context, runtime_gather_output=True)
+            context.sequence_len_offset += inputs.shape[1]
+            chosen = logits[:, -1].argmax(-1)
+            if distributed:
+                dist.broadcast(chosen, src=0)
+            tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+            yield chosen
+
+
+def greedy_generate(model: Any, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[B, num_tokens] greedy continuation of [B, P] prompts (greedy_tokens)."""
+    steps = list(greedy_tokens(model, prompts, num_tokens))
+    return torch.stack(steps, dim=1) if steps else prompts.new_zeros(prompts.shape[0], 0)
