@@ -3,7 +3,8 @@
 A tiny random Qwen3-MoE checkpoint with a character-level tokenizer, EP2 over two gloo processes,
 on the text the project ships. Its numbers are checked against the transformers model itself:
 dropless perplexity and greedy generation equal the HF model's; each capped run's perplexity
-equals the dense capacity-aware HF reference on the same data-parallel shards and micro-batches,
+equals the dense capacity-aware HF reference on the same data-parallel shards and micro-batches
+(also at TP2),
 and its generation HF's own KV-cached greedy decoding with that reference (prefill, then one token
 per sequence per step). The table, figures, lm-eval scores and a Megatron checkpoint come out; that
 checkpoint, loaded at EP1, gives the same perplexity. Bad flags stop before any weight is read.
@@ -41,12 +42,12 @@ def _env(**extra):
                 + os.pathsep + os.environ.get("PATH", ""), **extra)
 
 
-def _launch(path, out, *argv, gpus=EP):
+def _launch(path, out, *argv, gpus=EP, ep=EP):
     command = ["bash", LAUNCH, "--seq-length", str(SEQ), "--micro-batch-size", str(MICRO_BATCH),
                "--max-windows", str(WINDOWS), "--num-tokens-to-generate", str(NEW_TOKENS),
                "--capaware-min-capacity", "0", "--out", str(out), *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env=_env(HF_PATH=path, GPUS_PER_NODE=str(gpus), EP=str(gpus)))
+                          env=_env(HF_PATH=path, GPUS_PER_NODE=str(gpus), EP=str(ep)))
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-5000:])
     with open(os.path.join(out, "results.json")) as handle:
         return json.load(handle), done.stdout
@@ -62,8 +63,11 @@ def example(tmp_path_factory):
         path, root / "out", "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies", *POLICIES,
         "--lm-eval-tasks", "tiny_choice", "--lm-eval-include-path", tasks, "--save", str(root / "megatron"))
     reloaded, _ = _launch(str(root / "megatron" / "hf_config"), root / "out_ep1", "--load",
-                          str(root / "megatron"), "--capaware-sweep-gammas", gpus=1)
-    return path, root, results, printed, reloaded
+                          str(root / "megatron"), "--capaware-sweep-gammas", gpus=1, ep=1)
+    tensor_parallel, _ = _launch(path, root / "out_tp2", "--tensor-model-parallel-size", "2",
+                                 "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies",
+                                 "drop", ep=1)
+    return path, root, results, printed, reloaded, tensor_parallel
 
 
 def _hf(path, cfg=None, local_experts=()):
@@ -75,20 +79,20 @@ def _hf(path, cfg=None, local_experts=()):
     return model
 
 
-def _local(rank):
-    return range(rank * 8 // EP, (rank + 1) * 8 // EP)
+def _local(rank, ep=EP):
+    return range(rank * 8 // ep, (rank + 1) * 8 // ep)
 
 
-def _reference_perplexity(path, cfg):
-    """Rank r of DP2 holds windows r, r+2, ...; each micro-batch is planned on its own, with rank
-    r's experts local."""
+def _reference_perplexity(path, cfg, dp=EP, ep=EP):
+    """Data-parallel rank r holds windows r, r + dp, ...; each micro-batch is planned on its own,
+    with the experts of r's EP rank local."""
     with open(SAMPLE) as handle:
         ids = torch.tensor(CharTokenizer(path).tokenize(handle.read()))
     windows = torch.stack([ids[w * SEQ : w * SEQ + SEQ + 1] for w in range(WINDOWS)])
     nll, count = 0.0, 0
-    for rank in range(EP):
-        model = _hf(path, cfg, _local(rank))
-        for batch in windows[rank::EP].split(MICRO_BATCH):
+    for rank in range(dp):
+        model = _hf(path, cfg, _local(rank % ep, ep))
+        for batch in windows[rank::dp].split(MICRO_BATCH):
             with torch.no_grad():
                 logits = model(batch[:, :-1]).logits
             nll += float(torch.nn.functional.cross_entropy(
@@ -102,7 +106,7 @@ def _config(row):
 
 
 def test_perplexity_of_every_run_equals_the_hf_reference(example):
-    path, _, results, _, _ = example
+    path, _, results, _, _, _ = example
     runs = results["runs"]
     assert [row["name"] for row in runs] == ["dropless", *(f"{p} g{GAMMA:g}" for p in POLICIES)]
     for row in runs:
@@ -115,7 +119,7 @@ def test_perplexity_of_every_run_equals_the_hf_reference(example):
 def test_generation_is_hf_greedy_decoding_with_its_kv_cache(example):
     """Both ranks run the same prompts and take rank 0's tokens: the reference plans with rank
     0's experts local; each HF decode step routes just the new tokens, as Megatron's does."""
-    path, _, results, _, _ = example
+    path, _, results, _, _, _ = example
     tokenizer = CharTokenizer(path)
     prompts = [tokenizer.tokenize(text) for text in PROMPTS]
     width = min(map(len, prompts))
@@ -128,7 +132,7 @@ def test_generation_is_hf_greedy_decoding_with_its_kv_cache(example):
 
 
 def test_load_statistics_tables_figures_and_lm_eval(example):
-    _, root, results, printed, _ = example
+    _, root, results, printed, _, _ = example
     dropless, *capped = results["runs"]
     assert dropless["metrics"]["dropped_fraction"] == 0 and dropless["metrics"]["speedup_rank"] == 1
     drop = capped[0]["metrics"]
@@ -148,11 +152,21 @@ def test_load_statistics_tables_figures_and_lm_eval(example):
 
 
 def test_a_saved_megatron_checkpoint_loads_at_another_expert_parallel_size(example):
-    _, root, results, _, reloaded = example
+    _, root, results, _, reloaded, _ = example
     assert [row["name"] for row in reloaded["runs"]] == ["dropless"]
     assert reloaded["runs"][0]["perplexity"] == pytest.approx(results["runs"][0]["perplexity"], rel=1e-6)
     assert reloaded["runs"][0]["generated"] == results["runs"][0]["generated"]
     assert (root / "megatron" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_tensor_parallel_runs_equal_the_hf_reference(example):
+    """TP2 (ModelOpt shards the import), EP1, DP1: both TP ranks route every token of a
+    micro-batch; without sequence parallelism each plans them all, as the reference does."""
+    path, _, results, _, _, tensor_parallel = example
+    for row in tensor_parallel["runs"]:
+        want, _ = _reference_perplexity(path, _config(row), dp=1, ep=1)
+        assert row["perplexity"] == pytest.approx(want, rel=2e-5), row["name"]
+    assert tensor_parallel["runs"][0]["generated"] == results["runs"][0]["generated"]
 
 
 def _refused(path, *argv, **env):
