@@ -26,12 +26,14 @@ def _configs():
         "qwen3_moe": tf.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24,
                                        num_key_value_heads=2, head_dim=8, num_experts=EXPERTS,
                                        num_experts_per_tok=2, norm_topk_prob=True),
-        # n_group 4 x 2 experts, topk_group 2, k 4 (DeepSeek-V3's k = 2 x topk_group), one shared
-        # expert, a dense first layer, q LoRA; the correction bias drawn large so that it changes
-        # which experts are picked (a bias-shifted score would then show in the plan).
+        # n_group 4 x 4 experts, topk_group 2, k 4 (DeepSeek-V3's k = 2 x topk_group): a token's
+        # two groups hold 8 experts, 4 of them not picked, so reroute and expanded have somewhere
+        # to go inside the group limit. One shared expert, a dense first layer, q LoRA; the
+        # correction bias drawn large so that it changes which experts are picked (a
+        # bias-shifted score would then show in the plan).
         "deepseek_v3": tf.DeepseekV3Config(
             **COMMON, intermediate_size=48, moe_intermediate_size=24, num_key_value_heads=4,
-            n_routed_experts=EXPERTS, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
+            n_routed_experts=2 * EXPERTS, n_shared_experts=1, num_experts_per_tok=4, n_group=4,
             topk_group=2, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5,
             rope_scaling=None),
