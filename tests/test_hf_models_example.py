@@ -15,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,7 +68,10 @@ def example(tmp_path_factory):
     tensor_parallel, _ = _launch(path, root / "out_tp2", "--tensor-model-parallel-size", "2",
                                  "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies",
                                  "drop", ep=1)
-    return path, root, results, printed, reloaded, tensor_parallel
+    half, _ = _launch(path, root / "out_bf16", "--bf16", "--capaware-sweep-gammas", str(GAMMA),
+                      "--capaware-sweep-policies", "drop")
+    return SimpleNamespace(path=path, root=root, results=results, printed=printed, reloaded=reloaded,
+                           tensor_parallel=tensor_parallel, half=half)
 
 
 def _hf(path, cfg=None, local_experts=()):
@@ -106,7 +110,7 @@ def _config(row):
 
 
 def test_perplexity_of_every_run_equals_the_hf_reference(example):
-    path, _, results, _, _, _ = example
+    path, results = example.path, example.results
     runs = results["runs"]
     assert [row["name"] for row in runs] == ["dropless", *(f"{p} g{GAMMA:g}" for p in POLICIES)]
     for row in runs:
@@ -119,7 +123,7 @@ def test_perplexity_of_every_run_equals_the_hf_reference(example):
 def test_generation_is_hf_greedy_decoding_with_its_kv_cache(example):
     """Both ranks run the same prompts and take rank 0's tokens: the reference plans with rank
     0's experts local; each HF decode step routes just the new tokens, as Megatron's does."""
-    path, _, results, _, _, _ = example
+    path, results = example.path, example.results
     tokenizer = CharTokenizer(path)
     prompts = [tokenizer.tokenize(text) for text in PROMPTS]
     width = min(map(len, prompts))
@@ -132,7 +136,7 @@ def test_generation_is_hf_greedy_decoding_with_its_kv_cache(example):
 
 
 def test_load_statistics_tables_figures_and_lm_eval(example):
-    _, root, results, printed, _, _ = example
+    root, results, printed = example.root, example.results, example.printed
     dropless, *capped = results["runs"]
     assert dropless["metrics"]["dropped_fraction"] == 0 and dropless["metrics"]["speedup_rank"] == 1
     drop = capped[0]["metrics"]
@@ -152,7 +156,7 @@ def test_load_statistics_tables_figures_and_lm_eval(example):
 
 
 def test_a_saved_megatron_checkpoint_loads_at_another_expert_parallel_size(example):
-    _, root, results, _, reloaded, _ = example
+    root, results, reloaded = example.root, example.results, example.reloaded
     assert [row["name"] for row in reloaded["runs"]] == ["dropless"]
     assert reloaded["runs"][0]["perplexity"] == pytest.approx(results["runs"][0]["perplexity"], rel=1e-6)
     assert reloaded["runs"][0]["generated"] == results["runs"][0]["generated"]
@@ -162,11 +166,20 @@ def test_a_saved_megatron_checkpoint_loads_at_another_expert_parallel_size(examp
 def test_tensor_parallel_runs_equal_the_hf_reference(example):
     """TP2 (ModelOpt shards the import), EP1, DP1: both TP ranks route every token of a
     micro-batch; without sequence parallelism each plans them all, as the reference does."""
-    path, _, results, _, _, tensor_parallel = example
+    path, results, tensor_parallel = example.path, example.results, example.tensor_parallel
     for row in tensor_parallel["runs"]:
         want, _ = _reference_perplexity(path, _config(row), dp=1, ep=1)
         assert row["perplexity"] == pytest.approx(want, rel=2e-5), row["name"]
     assert tensor_parallel["runs"][0]["generated"] == results["runs"][0]["generated"]
+
+
+def test_bf16_runs_close_to_fp32(example):
+    """--bf16: ModelOpt imports bf16 weights, Megatron computes in bf16 (the router in fp32)."""
+    results, half = example.results, example.half
+    for fp32, bf16 in zip(results["runs"][:2], half["runs"]):
+        assert bf16["name"] == fp32["name"]
+        assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=0.02)
+        assert bf16["perplexity"] != fp32["perplexity"]  # it did run in bf16
 
 
 def _refused(path, *argv, **env):
@@ -178,7 +191,7 @@ def _refused(path, *argv, **env):
 
 
 def test_bad_flags_are_refused_before_any_weight_is_read(example, tmp_path):
-    path = example[0]
+    path = example.path
     assert "--num-layers 3 disagrees with the checkpoint's 2" in _refused(path, "--num-layers", "3")
     assert "is not a Hugging Face checkpoint: no config.json" in _refused(str(tmp_path))
     assert "--pipeline-model-parallel-size > 1 is not supported" in _refused(
