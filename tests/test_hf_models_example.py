@@ -4,7 +4,7 @@ A tiny random Qwen3-MoE checkpoint with a character-level tokenizer, EP2 over tw
 on the text the project ships. Its numbers are checked against the transformers model itself:
 dropless perplexity and greedy generation equal the HF model's; each capped run's perplexity
 equals the dense capacity-aware HF reference on the same data-parallel shards and micro-batches
-(also at TP2),
+(also at TP2 and PP2),
 and its generation HF's own KV-cached greedy decoding with that reference (prefill, then one token
 per sequence per step). The table, figures, lm-eval scores and a Megatron checkpoint come out; that
 checkpoint, loaded at EP1, gives the same perplexity. Bad flags stop before any weight is read.
@@ -70,8 +70,10 @@ def example(tmp_path_factory):
                                  "drop", ep=1)
     half, _ = _launch(path, root / "out_bf16", "--bf16", "--capaware-sweep-gammas", str(GAMMA),
                       "--capaware-sweep-policies", "drop")
+    pipelined, _ = _launch(path, root / "out_pp2", "--pipeline-model-parallel-size", "2",
+                           "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies", "drop", ep=1)
     return SimpleNamespace(path=path, root=root, results=results, printed=printed, reloaded=reloaded,
-                           tensor_parallel=tensor_parallel, half=half)
+                           tensor_parallel=tensor_parallel, half=half, pipelined=pipelined)
 
 
 def _hf(path, cfg=None, local_experts=()):
@@ -163,14 +165,18 @@ def test_a_saved_megatron_checkpoint_loads_at_another_expert_parallel_size(examp
     assert (root / "megatron" / "latest_checkpointed_iteration.txt").exists()
 
 
-def test_tensor_parallel_runs_equal_the_hf_reference(example):
+def test_tensor_and_pipeline_parallel_runs_equal_the_hf_reference(example):
     """TP2 (ModelOpt shards the import), EP1, DP1: both TP ranks route every token of a
-    micro-batch; without sequence parallelism each plans them all, as the reference does."""
-    path, results, tensor_parallel = example.path, example.results, example.tensor_parallel
-    for row in tensor_parallel["runs"]:
-        want, _ = _reference_perplexity(path, _config(row), dp=1, ep=1)
-        assert row["perplexity"] == pytest.approx(want, rel=2e-5), row["name"]
-    assert tensor_parallel["runs"][0]["generated"] == results["runs"][0]["generated"]
+    micro-batch; without sequence parallelism each plans them all, as the reference does. PP2:
+    each stage imports its layers, Megatron's schedule passes activations, the last stage sums."""
+    path, results = example.path, example.results
+    for runs in (example.tensor_parallel["runs"], example.pipelined["runs"]):
+        assert [row["name"] for row in runs] == ["dropless", f"drop g{GAMMA:g}"]
+        for row in runs:
+            want, _ = _reference_perplexity(path, _config(row), dp=1, ep=1)
+            assert row["perplexity"] == pytest.approx(want, rel=2e-5), row["name"]
+    assert example.tensor_parallel["runs"][0]["generated"] == results["runs"][0]["generated"]
+    assert example.pipelined["runs"][0]["generated"] == [[], []]  # generation needs PP 1
 
 
 def test_bf16_runs_close_to_fp32(example):
@@ -194,5 +200,6 @@ def test_bad_flags_are_refused_before_any_weight_is_read(example, tmp_path):
     path = example.path
     assert "--num-layers 3 disagrees with the checkpoint's 2" in _refused(path, "--num-layers", "3")
     assert "is not a Hugging Face checkpoint: no config.json" in _refused(str(tmp_path))
-    assert "--pipeline-model-parallel-size > 1 is not supported" in _refused(
-        path, "--pipeline-model-parallel-size", "2", WORLD_SIZE="2", RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")
+    assert "--lm-eval-tasks needs --pipeline-model-parallel-size 1" in _refused(
+        path, "--pipeline-model-parallel-size", "2", "--lm-eval-tasks", "tiny_choice", WORLD_SIZE="2",
+        RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")

@@ -40,14 +40,16 @@ def token_windows(ids: torch.Tensor, length: int) -> torch.Tensor:
     return ids[starts[:, None] + torch.arange(length + 1)]
 
 
-def data_parallel_share(windows: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This data-parallel rank's windows, the same count on every rank (a remainder is left out:
-    every rank of an expert-parallel group must run the same forwards)."""
-    per_rank = windows.shape[0] // size
+def data_parallel_share(windows: torch.Tensor, rank: int, size: int, micro_batch_size: int = 1) -> torch.Tensor:
+    """This data-parallel rank's windows, the same whole number of micro-batches on every rank
+    (a remainder is left out: every rank of an expert-parallel group, and every micro-batch of
+    Megatron's schedule, must run alike)."""
+    per_rank = windows.shape[0] // size // micro_batch_size * micro_batch_size
     if per_rank < 1:
         raise ValueError(
-            f"{windows.shape[0]} windows for {size} data-parallel ranks: give a longer text or a "
-            "shorter --seq-length")
+            f"{windows.shape[0]} windows for {size} data-parallel ranks x micro-batches of "
+            f"{micro_batch_size}: give a longer text, a shorter --seq-length or a smaller "
+            "--micro-batch-size")
     return windows[rank : per_rank * size : size]
 
 
@@ -58,19 +60,38 @@ def causal_mask(length: int, device: Any = None) -> torch.Tensor:
 
 def sum_nll(model: Any, windows: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
     """[2] float64 (summed next-token negative log-likelihood, token count) of `windows`
-    [W, S + 1], `micro_batch_size` windows per forward. Megatron's own loss (vocab-parallel cross
-    entropy under TP)."""
+    [W, S + 1], `micro_batch_size` windows per forward, through Megatron's forward-only schedule
+    (pipeline stages pass activations; the last holds the sums, the others zeros) and its own
+    loss (vocab-parallel cross entropy under TP)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
     length = windows.shape[1] - 1
     mask = causal_mask(length, device)
     positions = torch.arange(length, device=device)
+    batches = list(windows.to(device).split(micro_batch_size))
+    if len({batch.shape[0] for batch in batches}) > 1:
+        raise ValueError(f"{windows.shape[0]} windows do not split into micro-batches of "
+                         f"{micro_batch_size}: every micro-batch of the schedule has one size")
+
+    def loss_sums(loss: torch.Tensor):
+        sums = torch.stack([loss.double().sum(), torch.tensor(float(loss.numel()), dtype=torch.float64,
+                                                              device=loss.device)])
+        return loss.sum(), {"nll": sums}
+
+    def forward_step(data, chunk):
+        batch = next(data)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        return chunk(inputs, positions.expand_as(inputs), mask, labels=labels), loss_sums
+
     with torch.no_grad():
-        for batch in windows.to(device).split(micro_batch_size):
-            inputs, labels = batch[:, :-1], batch[:, 1:]
-            loss = model(inputs, positions.expand_as(inputs), mask, labels=labels)
-            total[0] += loss.double().sum()
-            total[1] += loss.numel()
+        reduced = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=length, micro_batch_size=micro_batch_size,
+            forward_only=True)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for entry in reduced:
+        total += entry["nll"]
     return total
 
 

@@ -9,8 +9,9 @@ launch/hf_models.sh adds what a CPU needs. The model's shape comes from --hf-pat
 (Megatron's model flags default to it and must agree with it); its weights from the safetensors
 files, or from --load (a Megatron checkpoint: one this script wrote with --save, or Megatron-LM's
 convert_model.py). Megatron's parallel flags (--tensor-model-parallel-size,
---expert-model-parallel-size, --expert-tensor-parallel-size; data parallelism is what is left)
-spread it. Each run (dropless, then every --capaware-sweep-policies x --capaware-sweep-gammas, the
+--expert-model-parallel-size, --expert-tensor-parallel-size, --pipeline-model-parallel-size; data
+parallelism is what is left) spread it; perplexity runs through Megatron's forward-only schedule,
+generation and lm-eval (whole-model forwards) need PP 1. Each run (dropless, then every --capaware-sweep-policies x --capaware-sweep-gammas, the
 other --capaware-* flags shared) measures held-out perplexity on --text (default: a short text
 shipped here), generates greedily from --prompt, and records every capaware layer's plan. The last
 rank prints the quality table and writes, under --out: quality.md, results.json, load.png (layers x
@@ -135,9 +136,9 @@ def _check_supported(args, checkpoint) -> None:
     if args.seq_length > checkpoint.max_position_embeddings:
         raise SystemExit(f"evaluate.py: --seq-length {args.seq_length} exceeds the checkpoint's "
                          f"max_position_embeddings {checkpoint.max_position_embeddings}")
-    if args.pipeline_model_parallel_size > 1:
-        raise SystemExit("evaluate.py: --pipeline-model-parallel-size > 1 is not supported (each "
-                         "rank runs the whole forward); spread the model with TP and EP")
+    if args.pipeline_model_parallel_size > 1 and args.lm_eval_tasks:
+        raise SystemExit("evaluate.py: --lm-eval-tasks needs --pipeline-model-parallel-size 1 "
+                         "(lm-eval's requests run the whole model on each rank); spread it with TP and EP")
     if args.moe_token_dispatcher_type != "capaware":
         raise SystemExit("evaluate.py: needs --moe-token-dispatcher capaware (the sweep switches "
                          f"its capacity), got {args.moe_token_dispatcher_type!r}")
@@ -243,7 +244,8 @@ def sweep(model, args, windows, prompts) -> list:
         recorder.tracker.step()
         metrics = recorder.tracker.flush(index)
         recorder.tracker = None
-        generated = greedy_generate(model, prompts, args.num_tokens_to_generate)
+        pipelined = args.pipeline_model_parallel_size > 1  # generation runs the whole model per rank
+        generated = prompts[:, :0] if pipelined else greedy_generate(model, prompts, args.num_tokens_to_generate)
         scores = _lm_eval(model, tokenizer, args) if args.lm_eval_tasks else {}
         dist.all_reduce(nll, group=parallel_state.get_data_parallel_group())
         slowest = torch.tensor([seconds], device=nll.device)
@@ -268,13 +270,14 @@ def table(rows) -> str:
     for row in rows:
         m = row["metrics"]
         agree = torch.tensor(row["generated"]) == torch.tensor(base["generated"])
+        agreement = f"{100 * float(agree.double().mean()):.0f}" if agree.numel() else "n/a"
         lines.append(
             f"| {row['name']} | {row['perplexity']:.4g} | {100 * (row['perplexity'] / base['perplexity'] - 1):+.2f} | "
             f"{100 * m.get('dropped_fraction', 0.0):.2f} | {100 * m.get('rerouted_fraction', 0.0):.2f} | "
             f"{m['straggler_expert_before']:.2f} > {m['straggler_expert_after']:.2f} | "
             f"{m['straggler_rank_before']:.2f} > {m['straggler_rank_after']:.2f} | "
             f"{m['speedup_rank']:.2f}x | {base['seconds'] / row['seconds']:.2f}x | "
-            f"{100 * float(agree.double().mean()):.0f} |"
+            f"{agreement} |"
             + "".join(f" {row['lm_eval'].get(task, float('nan')):.4g} |" for task in tasks))
     return "\n".join(lines)
 
@@ -317,7 +320,7 @@ def main() -> None:
         ids = torch.tensor(tokenizer.tokenize(handle.read()), dtype=torch.long)
     windows = token_windows(ids, args.seq_length)[: args.max_windows]
     mine = data_parallel_share(windows, parallel_state.get_data_parallel_rank(),
-                               parallel_state.get_data_parallel_world_size())
+                               parallel_state.get_data_parallel_world_size(), args.micro_batch_size)
     prompts = [tokenizer.tokenize(text) for text in (args.prompt or DEFAULT_PROMPTS)]
     width = min(len(prompt) for prompt in prompts)
     prompts = torch.tensor([prompt[:width] for prompt in prompts], dtype=torch.long)
@@ -333,7 +336,7 @@ def main() -> None:
         print("\nstraggler: max/mean load, router > plan (per expert, per EP rank); projected: max EP-rank "
               "load before / after; measured: dropless forward time / this run's (slowest rank); gen. "
               "agree: greedy tokens equal to dropless's.")
-        for row in rows:
+        for row in rows if rows[0]["generated"][0] else []:  # none under pipeline parallelism
             print(f"  {row['name']:>14}: {row['generated_text'][0]!r}")
         written = write_outputs(rows, args, checkpoint, expert_to_rank)
         print(f"\nwrote {', '.join(written)}")
