@@ -6,7 +6,7 @@ dropless perplexity and greedy generation equal the HF model's; each capped run'
 equals the dense capacity-aware HF reference on the same data-parallel shards and micro-batches
 (also at TP2 and PP2),
 and its generation HF's own KV-cached greedy decoding with that reference (prefill, then one token
-per sequence per step). The table, figures, lm-eval scores and a Megatron checkpoint come out; that
+per sequence per step; at PP2 through the pipeline, lm-eval too). The table, figures, lm-eval scores and a Megatron checkpoint come out; that
 checkpoint, loaded at EP1, gives the same perplexity. Bad flags stop before any weight is read.
 """
 
@@ -71,7 +71,8 @@ def example(tmp_path_factory):
     half, _ = _launch(path, root / "out_bf16", "--bf16", "--capaware-sweep-gammas", str(GAMMA),
                       "--capaware-sweep-policies", "drop")
     pipelined, _ = _launch(path, root / "out_pp2", "--pipeline-model-parallel-size", "2",
-                           "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies", "drop", ep=1)
+                           "--capaware-sweep-gammas", str(GAMMA), "--capaware-sweep-policies", "drop",
+                           "--lm-eval-tasks", "tiny_choice", "--lm-eval-include-path", tasks, ep=1)
     return SimpleNamespace(path=path, root=root, results=results, printed=printed, reloaded=reloaded,
                            tensor_parallel=tensor_parallel, half=half, pipelined=pipelined)
 
@@ -168,7 +169,10 @@ def test_a_saved_megatron_checkpoint_loads_at_another_expert_parallel_size(examp
 def test_tensor_and_pipeline_parallel_runs_equal_the_hf_reference(example):
     """TP2 (ModelOpt shards the import), EP1, DP1: both TP ranks route every token of a
     micro-batch; without sequence parallelism each plans them all, as the reference does. PP2:
-    each stage imports its layers, Megatron's schedule passes activations, the last stage sums."""
+    each stage imports its layers, Megatron's schedule passes activations, the last stage sums;
+    greedy tokens and lm-eval scores come from the last stage. Local-scope drop plans each EP
+    rank's tokens alone, and both EP2 ranks run the same prompts and requests: the EP1 runs
+    generate and score as the EP2 runs do."""
     path, results = example.path, example.results
     for runs in (example.tensor_parallel["runs"], example.pipelined["runs"]):
         assert [row["name"] for row in runs] == ["dropless", f"drop g{GAMMA:g}"]
@@ -176,7 +180,9 @@ def test_tensor_and_pipeline_parallel_runs_equal_the_hf_reference(example):
             want, _ = _reference_perplexity(path, _config(row), dp=1, ep=1)
             assert row["perplexity"] == pytest.approx(want, rel=2e-5), row["name"]
     assert example.tensor_parallel["runs"][0]["generated"] == results["runs"][0]["generated"]
-    assert example.pipelined["runs"][0]["generated"] == [[], []]  # generation needs PP 1
+    for pipelined, whole in zip(example.pipelined["runs"], results["runs"][:2]):
+        assert pipelined["generated"] == whole["generated"], pipelined["name"]
+        assert pipelined["lm_eval"] == pytest.approx(whole["lm_eval"]), pipelined["name"]
 
 
 def test_bf16_runs_close_to_fp32(example):
@@ -188,10 +194,10 @@ def test_bf16_runs_close_to_fp32(example):
         assert bf16["perplexity"] != fp32["perplexity"]  # it did run in bf16
 
 
-def _refused(path, *argv, **env):
+def _refused(path, *argv):
     done = subprocess.run([sys.executable, "-m", "capaware_megatron.megatron.run", SCRIPT, "--hf-path", path,
                            "--moe-token-dispatcher", "capaware", "--distributed-backend", "gloo", *argv],
-                          capture_output=True, text=True, timeout=300, env=_env(**env))
+                          capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode != 0
     return done.stderr
 
@@ -200,6 +206,3 @@ def test_bad_flags_are_refused_before_any_weight_is_read(example, tmp_path):
     path = example.path
     assert "--num-layers 3 disagrees with the checkpoint's 2" in _refused(path, "--num-layers", "3")
     assert "is not a Hugging Face checkpoint: no config.json" in _refused(str(tmp_path))
-    assert "--lm-eval-tasks needs --pipeline-model-parallel-size 1" in _refused(
-        path, "--pipeline-model-parallel-size", "2", "--lm-eval-tasks", "tiny_choice", WORLD_SIZE="2",
-        RANK="0", CUDA_DEVICE_MAX_CONNECTIONS="1")

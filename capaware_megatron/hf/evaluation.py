@@ -8,7 +8,7 @@ parallel ranks see the same tokens; data-parallel ranks see different windows.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -95,12 +95,48 @@ def sum_nll(model: Any, windows: torch.Tensor, micro_batch_size: int) -> torch.T
     return total
 
 
+def forward_reduced(model: Any, tokens: torch.Tensor, mask: Optional[torch.Tensor],
+                    reduce: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor,
+                    start: int = 0, **model_kwargs: Any) -> torch.Tensor:
+    """`reduce(logits)` of one forward of [B, S] `tokens` (positions start .. start + S - 1) on
+    every rank. Under pipeline parallelism the forward runs through Megatron's forward-only
+    schedule (stages pass activations) and the last stage reduces its [B, S, V] logits (gathered
+    over TP) to a small tensor that it broadcasts over its pipeline group (`like`: a tensor of
+    that shape and dtype, for the other stages' receive); without, it is the model's own forward,
+    as in Megatron's inference wrapper. `model_kwargs` reach every stage (inference_context,
+    padding_mask)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, length = tokens.shape
+    positions = torch.arange(start, start + length, device=tokens.device).expand(batch, -1)
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return reduce(model(tokens, positions, mask, runtime_gather_output=True, **model_kwargs))
+    reduced: list = []
+
+    def keep(logits: torch.Tensor):
+        reduced.append(reduce(logits))
+        return logits.new_zeros(()), {}
+
+    def forward_step(data, chunk):
+        next(data)
+        return chunk(tokens, positions, mask, runtime_gather_output=True, **model_kwargs), keep
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
+        seq_length=length, micro_batch_size=batch, forward_only=True)
+    value = reduced[0] if reduced else torch.empty_like(like)
+    dist.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return value
+
+
 def greedy_tokens(model: Any, prompts: torch.Tensor, max_tokens: int) -> Iterator[torch.Tensor]:
     """Yield the [B] next greedy tokens of [B, P] prompts, up to `max_tokens` times, with
     Megatron's static KV cache: one prefill forward of the prompts, then one decode forward of B
-    tokens per new token (the small-T steps where a capacity bites hardest). Every rank of the
-    world must run the same prompts: the tokens are global rank 0's, so that all ranks stop
-    together even where their logits differ in the last bit."""
+    tokens per new token (the small-T steps where a capacity bites hardest), each through the
+    pipeline (forward_reduced). Every rank of the world must run the same prompts: the tokens are
+    global rank 0's, so that all ranks stop together even where their logits differ in the last bit."""
     from megatron.core.inference.contexts import StaticInferenceContext
     from megatron.core.inference.utils import InferenceMode
 
@@ -112,12 +148,11 @@ def greedy_tokens(model: Any, prompts: torch.Tensor, max_tokens: int) -> Iterato
     with torch.no_grad(), InferenceMode.active():
         for step in range(max_tokens):
             inputs = tokens if step == 0 else tokens[:, -1:]
-            start = tokens.shape[1] - inputs.shape[1]
-            positions = torch.arange(start, tokens.shape[1], device=device).expand(batch, -1)
             mask = causal_mask(length, device) if step == 0 else None
-            logits = model(inputs, positions, mask, inference_context=context, runtime_gather_output=True)
+            chosen = forward_reduced(model, inputs, mask, lambda logits: logits[:, -1].argmax(-1),
+                                     like=tokens[:, 0], start=tokens.shape[1] - inputs.shape[1],
+                                     inference_context=context)
             context.sequence_len_offset += inputs.shape[1]
-            chosen = logits[:, -1].argmax(-1)
             if distributed:
                 dist.broadcast(chosen, src=0)
             tokens = torch.cat([tokens, chosen[:, None]], dim=1)

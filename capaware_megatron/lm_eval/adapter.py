@@ -17,7 +17,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ..hf.evaluation import causal_mask, greedy_tokens
+from ..hf.evaluation import causal_mask, forward_reduced, greedy_tokens
 
 
 class MegatronLM(TemplateLM):
@@ -60,21 +60,30 @@ class MegatronLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.detokenize(list(tokens))
 
-    def _log_probs(self, rows: list[list[int]]) -> torch.Tensor:
-        """[B, S, V] float32 next-token log-probabilities of right-padded `rows`."""
-        width = max(len(row) for row in rows)
+    def _scored(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[2, B, S] float32 of right-padded `sequences` (a forward's inputs, then the last
+        label; S: the longest inputs): each next-token label's log-probability, and 1 where it is
+        the greedy token. Reduced on the last pipeline stage (forward_reduced), so no [B, S, V]
+        tensor crosses ranks."""
+        width = max(len(sequence) for sequence in sequences) - 1
         width = -(-width // self._length_multiple) * self._length_multiple
-        tokens = torch.full((len(rows), width), self.eot_token_id, dtype=torch.long)
-        padding = torch.ones(len(rows), width, dtype=torch.bool)
-        for index, row in enumerate(rows):
-            tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            padding[index, : len(row)] = False
+        tokens = torch.full((len(sequences), width + 1), self.eot_token_id, dtype=torch.long)
+        padding = torch.ones(len(sequences), width, dtype=torch.bool)
+        for index, sequence in enumerate(sequences):
+            tokens[index, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            padding[index, : len(sequence) - 1] = False
         tokens, padding = tokens.to(self._device), padding.to(self._device)
-        positions = torch.arange(width, device=self._device).expand_as(tokens)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+        def score(logits: torch.Tensor) -> torch.Tensor:
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            picked = log_probs.gather(-1, labels[..., None])[..., 0]
+            return torch.stack([picked, (log_probs.argmax(-1) == labels).float()])
+
         with torch.no_grad():
-            logits = self.model(tokens, positions, causal_mask(width, self._device),
-                                runtime_gather_output=True, padding_mask=padding)
-        return torch.log_softmax(logits.float(), dim=-1)
+            return forward_reduced(self.model, inputs, causal_mask(width, self._device), score,
+                                   like=padding.new_empty((2, *padding.shape), dtype=torch.float32),
+                                   padding_mask=padding)
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether greedy decoding yields it) per
@@ -83,19 +92,17 @@ class MegatronLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            rows, targets = [], []
+            sequences, scored_lengths = [], []
             for index in chunk:
                 _, context, continuation = requests[index]
                 whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-                rows.append(whole[:-1])
-                targets.append(whole[-min(len(continuation), len(whole) - 1):])
-            log_probs = self._log_probs(rows)
-            for row, (index, inputs, target) in enumerate(zip(chunk, rows, targets)):
-                picked = log_probs[row, len(inputs) - len(target) : len(inputs)]
-                expected = torch.tensor(target, device=picked.device)
+                sequences.append(whole)
+                scored_lengths.append(min(len(continuation), len(whole) - 1))
+            scored = self._scored(sequences)
+            for row, (index, sequence, scored_length) in enumerate(zip(chunk, sequences, scored_lengths)):
+                picked = scored[:, row, len(sequence) - 1 - scored_length : len(sequence) - 1]
                 # One host read per request: lm-eval takes Python floats (evaluation, not a hot path).
-                answer = (float(picked.gather(1, expected[:, None]).sum()),
-                          bool((picked.argmax(-1) == expected).all()))
+                answer = (float(picked[0].sum()), bool(picked[1].all()))
                 results[index] = answer
                 if requests[index][0] is not None:
                     self.cache_hook.add_partial("loglikelihood", requests[index][0], answer)

@@ -10,9 +10,9 @@ launch/hf_models.sh adds what a CPU needs. The model's shape comes from --hf-pat
 files, or from --load (a Megatron checkpoint: one this script wrote with --save, or Megatron-LM's
 convert_model.py). Megatron's parallel flags (--tensor-model-parallel-size,
 --expert-model-parallel-size, --expert-tensor-parallel-size, --pipeline-model-parallel-size; data
-parallelism is what is left) spread it; perplexity runs through Megatron's forward-only schedule,
-generation and lm-eval (whole-model forwards) need PP 1. Each run (dropless, then every --capaware-sweep-policies x --capaware-sweep-gammas, the
-other --capaware-* flags shared) measures held-out perplexity on --text (default: a short text
+parallelism is what is left) spread it; perplexity, generation and lm-eval run through Megatron's
+forward-only schedule, so pipeline stages pass activations. Each run (dropless, then every
+--capaware-sweep-policies x --capaware-sweep-gammas, the other --capaware-* flags shared) measures held-out perplexity on --text (default: a short text
 shipped here), generates greedily from --prompt, and records every capaware layer's plan. The last
 rank prints the quality table and writes, under --out: quality.md, results.json, load.png (layers x
 experts, router vs plan, of the most capped drop run) and quality_vs_speedup.png; with
@@ -136,9 +136,6 @@ def _check_supported(args, checkpoint) -> None:
     if args.seq_length > checkpoint.max_position_embeddings:
         raise SystemExit(f"evaluate.py: --seq-length {args.seq_length} exceeds the checkpoint's "
                          f"max_position_embeddings {checkpoint.max_position_embeddings}")
-    if args.pipeline_model_parallel_size > 1 and args.lm_eval_tasks:
-        raise SystemExit("evaluate.py: --lm-eval-tasks needs --pipeline-model-parallel-size 1 "
-                         "(lm-eval's requests run the whole model on each rank); spread it with TP and EP")
     if args.moe_token_dispatcher_type != "capaware":
         raise SystemExit("evaluate.py: needs --moe-token-dispatcher capaware (the sweep switches "
                          f"its capacity), got {args.moe_token_dispatcher_type!r}")
@@ -244,8 +241,7 @@ def sweep(model, args, windows, prompts) -> list:
         recorder.tracker.step()
         metrics = recorder.tracker.flush(index)
         recorder.tracker = None
-        pipelined = args.pipeline_model_parallel_size > 1  # generation runs the whole model per rank
-        generated = prompts[:, :0] if pipelined else greedy_generate(model, prompts, args.num_tokens_to_generate)
+        generated = greedy_generate(model, prompts, args.num_tokens_to_generate)
         scores = _lm_eval(model, tokenizer, args) if args.lm_eval_tasks else {}
         dist.all_reduce(nll, group=parallel_state.get_data_parallel_group())
         slowest = torch.tensor([seconds], device=nll.device)
@@ -331,12 +327,12 @@ def main() -> None:
         expert_to_rank = torch.arange(num_experts) // (num_experts // args.expert_model_parallel_size)
         print(f"\n{checkpoint.architecture.name} from {checkpoint.path}: {rows[0]['tokens']} tokens of "
               f"{args.text} per run, windows of {args.seq_length}, TP{args.tensor_model_parallel_size} "
-              f"EP{args.expert_model_parallel_size} DP{parallel_state.get_data_parallel_world_size()}\n")
+              f"PP{args.pipeline_model_parallel_size} EP{args.expert_model_parallel_size} DP{parallel_state.get_data_parallel_world_size()}\n")
         print(table(rows))
         print("\nstraggler: max/mean load, router > plan (per expert, per EP rank); projected: max EP-rank "
               "load before / after; measured: dropless forward time / this run's (slowest rank); gen. "
               "agree: greedy tokens equal to dropless's.")
-        for row in rows if rows[0]["generated"][0] else []:  # none under pipeline parallelism
+        for row in rows:
             print(f"  {row['name']:>14}: {row['generated_text'][0]!r}")
         written = write_outputs(rows, args, checkpoint, expert_to_rank)
         print(f"\nwrote {', '.join(written)}")
