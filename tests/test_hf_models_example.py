@@ -4,10 +4,10 @@ A tiny random Qwen3-MoE checkpoint with a character-level tokenizer, EP2 over tw
 on the text the project ships. Its numbers are checked against the transformers model itself:
 dropless perplexity and greedy generation equal the HF model's; each capped run's perplexity
 equals the dense capacity-aware HF reference on the same data-parallel shards and micro-batches
-(also at TP2 and PP2),
-and its generation HF's own KV-cached greedy decoding with that reference (prefill, then one token
-per sequence per step; at PP2 through the pipeline, lm-eval too). The table, figures, lm-eval scores and a Megatron checkpoint come out; that
-checkpoint, loaded at EP1, gives the same perplexity. Bad flags stop before any weight is read.
+(also at TP2 and PP2), and its generation HF's own KV-cached greedy decoding with that reference
+(prefill, then one token per sequence per step; at PP2 through the pipeline, lm-eval too). The
+table, figures, lm-eval scores and a Megatron checkpoint come out; that checkpoint, loaded at EP1,
+gives the same perplexity. Bad flags stop before any weight is read.
 """
 
 import json

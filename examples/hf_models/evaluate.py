@@ -10,10 +10,11 @@ launch/hf_models.sh adds what a CPU needs. The model's shape comes from --hf-pat
 files, or from --load (a Megatron checkpoint: one this script wrote with --save, or Megatron-LM's
 convert_model.py). Megatron's parallel flags (--tensor-model-parallel-size,
 --expert-model-parallel-size, --expert-tensor-parallel-size, --pipeline-model-parallel-size; data
-parallelism is what is left) spread it; perplexity, generation and lm-eval run through Megatron's
-forward-only schedule, so pipeline stages pass activations. Each run (dropless, then every
---capaware-sweep-policies x --capaware-sweep-gammas, the other --capaware-* flags shared) measures held-out perplexity on --text (default: a short text
-shipped here), generates greedily from --prompt, and records every capaware layer's plan. The last
+parallelism is what is left) spread it; perplexity runs through Megatron's forward-only schedule,
+and under PP > 1 generation and lm-eval too, so pipeline stages pass activations. Each run
+(dropless, then every --capaware-sweep-policies x --capaware-sweep-gammas, the other --capaware-*
+flags shared) measures held-out perplexity on --text (default: a short text shipped here),
+generates greedily from --prompt, and records every capaware layer's plan. The last
 rank prints the quality table and writes, under --out: quality.md, results.json, load.png (layers x
 experts, router vs plan, of the most capped drop run) and quality_vs_speedup.png; with
 --lm-eval-tasks each run also scores lm-evaluation-harness tasks. Megatron's --tensorboard-dir and
